@@ -1,0 +1,5 @@
+import sys
+
+from settler.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""One module per `settler` command group; each exposes `register(subparsers)`."""

@@ -1,0 +1,184 @@
+"""SettlementDb: every settlement statement's CQL text, prepared once, and the reads.
+
+Library use (other services):
+
+    db = await SettlementDb.open(load_settings())
+    balances = await db.get_user_all_balances(1001)   # one single-partition query
+    await db.close()
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Final
+
+from cassandra.cluster import Cluster, Session
+from cassandra.query import BatchStatement, BatchType, PreparedStatement
+
+from settler import cql
+from settler.config import Settings
+from settler.events import BalanceEvent, Trade, kind
+from settler.ledger import RowWrite, SettledRecord, StoredRow
+from settler.settlement import Balance
+
+ID_BUCKET_BITS: Final = 12
+"""Ids are stored in partitions of 4096 consecutive ids (see schema/003_events.cql)."""
+
+
+def id_bucket(event_id: int) -> int:
+    return event_id >> ID_BUCKET_BITS
+
+
+@dataclass(frozen=True, slots=True)
+class UserBalance:
+    """One row of user_balances, in raw units of its asset."""
+
+    user_id: int
+    asset_id: int
+    available: int
+    frozen: int
+    version: int
+    updated_at: int
+
+
+_BALANCE_COLUMNS = "asset_id, available, frozen, version, updated_at"
+
+_CQL: Final = {
+    "all_balances": f"SELECT {_BALANCE_COLUMNS} FROM user_balances WHERE user_id = ?",
+    "one_balance": (
+        f"SELECT {_BALANCE_COLUMNS} FROM user_balances WHERE user_id = ? AND asset_id = ?"
+    ),
+    "load_user": (
+        f"SELECT {_BALANCE_COLUMNS}, applied FROM user_balances WHERE user_id = ?"
+    ),
+    "write_balance": (
+        "INSERT INTO user_balances (user_id, asset_id, available, frozen, version,"
+        " updated_at, applied) VALUES (?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ?"
+    ),
+    "write_trade": (
+        "INSERT INTO trades (bucket, trade_id, symbol, buy_order_id, sell_order_id,"
+        " buyer_user_id, seller_user_id, base_asset_id, quote_asset_id, price, quantity,"
+        " cost, buyer_refund, seller_refund, buyer_fee, seller_fee, fee_account,"
+        " match_seq, executed_at, digest, source)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        " USING TIMESTAMP ?"
+    ),
+    "write_balance_event": (
+        "INSERT INTO balance_events (bucket, event_id, kind, user_id, asset_id, amount, ts,"
+        " digest, source) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ?"
+    ),
+    "settled_trades": (
+        "SELECT trade_id, digest, source FROM trades"
+        " WHERE bucket = ? AND trade_id >= ? AND trade_id <= ?"
+    ),
+    "settled_balance_events": (
+        "SELECT event_id, digest, source FROM balance_events"
+        " WHERE bucket = ? AND event_id >= ? AND event_id <= ?"
+    ),
+}
+
+
+class SettlementDb:
+    """Prepared statements over one session bound to the settlement keyspace."""
+
+    def __init__(self, cluster: Cluster, session: Session) -> None:
+        self.cluster = cluster
+        self.session = session
+        self._prepared: dict[str, PreparedStatement] = {
+            name: session.prepare(text) for name, text in _CQL.items()
+        }
+
+    @classmethod
+    async def open(cls, settings: Settings) -> SettlementDb:
+        def connect_and_prepare() -> SettlementDb:
+            cluster, session = cql.connect(settings, keyspace=settings.keyspace)
+            try:
+                return cls(cluster, session)
+            except Exception:
+                cluster.shutdown()
+                raise
+
+        return await asyncio.to_thread(connect_and_prepare)
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self.cluster.shutdown)
+
+    def statement(self, name: str) -> PreparedStatement:
+        return self._prepared[name]
+
+    async def run(self, statement: Any, parameters: Any = None) -> Any:
+        return await cql.run(self.session, statement, parameters)
+
+    # -- reads for people and other services -------------------------------------------
+
+    async def get_user_all_balances(self, user_id: int) -> list[UserBalance]:
+        """Every asset balance of a user, ordered by asset id: one single-partition query."""
+        rows = await self.run(self._prepared["all_balances"], (user_id,))
+        return [UserBalance(user_id, *row) for row in rows]
+
+    async def get_user_balance(self, user_id: int, asset_id: int) -> UserBalance | None:
+        rows = await self.run(self._prepared["one_balance"], (user_id, asset_id))
+        first = next(iter(rows), None)
+        return None if first is None else UserBalance(user_id, *first)
+
+    # -- the worker's reads ----------------------------------------------------------------
+
+    async def load_user(self, user_id: int) -> dict[int, StoredRow]:
+        """All rows of one user with their applied offsets (one partition read)."""
+        rows = await self.run(self._prepared["load_user"], (user_id,))
+        return {
+            asset_id: StoredRow(
+                Balance(available, frozen, version, updated_at), dict(applied or {})
+            )
+            for asset_id, available, frozen, version, updated_at, applied in rows
+        }
+
+    async def settled(self, is_trade: bool, bucket: int, low: int, high: int
+                      ) -> list[SettledRecord]:
+        """Settled ids between low and high (inclusive) inside one id bucket."""
+        name = "settled_trades" if is_trade else "settled_balance_events"
+        rows = await self.run(self._prepared[name], (bucket, low, high))
+        return [SettledRecord(event_id, digest, source) for event_id, digest, source in rows]
+
+    # -- the write path --------------------------------------------------------------------
+
+    def settlement_batch(
+        self,
+        event: Trade | BalanceEvent,
+        *,
+        rows: Iterable[RowWrite],
+        digest: bytes,
+        source: str,
+        cost: int,
+        fee_account: int,
+        timestamp: int,
+    ) -> BatchStatement:
+        """ONE LOGGED batch: the event's record plus the absolute values of its rows.
+
+        Every statement carries the same explicit write timestamp, so re-executing the
+        batch after a timeout rewrites identical cells and cannot undo a later batch.
+        """
+        batch = BatchStatement(BatchType.LOGGED)
+        for row in rows:
+            b = row.balance
+            batch.add(
+                self._prepared["write_balance"],
+                (row.user_id, row.asset_id, b.available, b.frozen, b.version, b.updated_at,
+                 dict(row.applied), timestamp),
+            )
+        if isinstance(event, Trade):
+            batch.add(self._prepared["write_trade"], (
+                id_bucket(event.trade_id), event.trade_id, event.symbol, event.buy_order_id,
+                event.sell_order_id, event.buyer_user_id, event.seller_user_id,
+                event.base_asset_id, event.quote_asset_id, event.price, event.quantity, cost,
+                event.buyer_refund, event.seller_refund, event.buyer_fee, event.seller_fee,
+                fee_account, event.match_seq, event.executed_at, digest, source, timestamp,
+            ))
+        else:
+            batch.add(self._prepared["write_balance_event"], (
+                id_bucket(event.event_id), event.event_id, kind(event), event.user_id,
+                event.asset_id, event.amount, event.ts, digest, source, timestamp,
+            ))
+        return batch

@@ -1,0 +1,499 @@
+"""`settler run`: the long-lived settling worker.
+
+Data flow, one arrow per function: Kafka records -> `decode` -> `Ledger.effect`
+(validated) -> `Ledger.plan` (absolute rows) -> `SettlementDb.settlement_batch` (one
+LOGGED batch) -> `_land` (retried until durable) -> `Offsets.settle` -> `_commit`.
+Only the lease holder consumes; a second worker waits as a standby.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import signal
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, TypeVar
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka.errors import KafkaError
+
+from settler import cql, kafka, logs, metrics
+from settler.config import Settings
+from settler.db import SettlementDb, id_bucket
+from settler.events import Event, Rejected, decode, kind
+from settler.lease import Holder, LeaseLost, WriterLease
+from settler.ledger import Ledger, Position, Reject, Skip, Write
+from settler.offsets import Offsets
+from settler.registry import Registry, load_registry
+from settler.settlement import Effect
+
+log = logs.get("settler.worker")
+
+T = TypeVar("T")
+
+DRAIN_TIMEOUT_S = 6.0
+LOAD_CONCURRENCY = 64
+
+
+class SessionEnd(StrEnum):
+    """Why a writer session ended; decides what the worker does next."""
+
+    STOPPED = "stopped"  # SIGTERM/SIGINT: exit 0
+    LEASE_LOST = "lease_lost"  # another worker writes now: go back to standby
+    FATAL = "fatal"  # a rejected statement or similar bug: exit 1, commit nothing more
+
+
+class Stopping(Exception):
+    """Raised inside waits when the worker is asked to stop."""
+
+
+class FatalError(Exception):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    initial_s: float
+    max_s: float
+
+    def delays(self) -> Iterable[float]:
+        delay = self.initial_s
+        while True:
+            yield delay * (0.5 + random.random() / 2)
+            delay = min(delay * 2, self.max_s)
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    """One fetched record on its way through the pipeline."""
+
+    tp: TopicPartition
+    record: ConsumerRecord
+    event: Event | Rejected
+    effect: Effect | Rejected
+
+
+class Worker:
+    """Holds the lease (or waits for it) and runs writer sessions until stopped."""
+
+    def __init__(self, settings: Settings, registry: Registry) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.health = metrics.Health()
+        self.stopping = asyncio.Event()
+        self.backoff = Backoff(settings.retry_initial_ms / 1000, settings.retry_max_ms / 1000)
+
+    async def run(self) -> int:
+        server = await metrics.serve(
+            self.settings.metrics_host, self.settings.metrics_port, self.health
+        )
+        log.info("worker starting", metrics=f"http://{self.settings.metrics_host}:"
+                 f"{self.settings.metrics_port}/metrics", settings=self.settings.redacted())
+        try:
+            db = await self._retry("cql_connect", lambda: SettlementDb.open(self.settings))
+        except Stopping:
+            server.close()
+            return 0
+        self.health.checks["cql"] = True
+        lease = WriterLease(db.session, ttl_s=self.settings.lease_ttl_s)
+        code = 0
+        try:
+            code = await self._lead(db, lease)
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(lease.release(), 3)
+            metrics.WRITER.set(0)
+            await db.close()
+            server.close()
+        log.info("worker stopped", exit_code=code)
+        return code
+
+    async def _lead(self, db: SettlementDb, lease: WriterLease) -> int:
+        last_logged = [0.0]
+
+        def standby(holder: Holder) -> None:
+            if time.monotonic() - last_logged[0] > 30:
+                last_logged[0] = time.monotonic()
+                log.info("standby: another worker holds the writer lease",
+                         holder=holder.owner, expires_at_ms=holder.expires_at_ms)
+
+        while not self.stopping.is_set():
+            self.health.role = "standby"
+            acquiring = asyncio.ensure_future(lease.acquire(standby, on_error=self._cql_down))
+            stop_wait = asyncio.ensure_future(self.stopping.wait())
+            await asyncio.wait({acquiring, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+            stop_wait.cancel()
+            if not acquiring.done():
+                acquiring.cancel()
+                break
+            acquiring.result()
+            log.info("writer lease taken", owner=lease.owner, epoch=lease.epoch)
+            self.health.role = "writer"
+            metrics.WRITER.set(1)
+            end = await WriterSession(self, db, lease).run()
+            metrics.WRITER.set(0)
+            self.health.checks["partitions"] = False
+            if end is SessionEnd.FATAL:
+                return 1
+            if end is SessionEnd.LEASE_LOST:
+                log.error("writer lease lost to another worker; back to standby")
+        return 0
+
+    def _cql_down(self, exc: BaseException) -> None:
+        self.health.checks["cql"] = False
+        metrics.retry("cql_lease")
+        log.warning("database unavailable, retrying", error=repr(exc))
+
+    async def _retry(self, what: str, attempt: Callable[[], Awaitable[T]],
+                     transient: Callable[[BaseException], bool] = cql.is_transient) -> T:
+        """Run `attempt` until it succeeds, sleeping with capped exponential backoff on
+        transient errors; raises Stopping when the worker is asked to stop."""
+        delays = iter(self.backoff.delays())
+        while True:
+            if self.stopping.is_set():
+                raise Stopping
+            try:
+                return await attempt()
+            except Exception as exc:
+                if not transient(exc):
+                    raise
+                metrics.retry(what)
+                log.warning("transient failure, retrying", kind=what, error=repr(exc))
+            await self.sleep(next(delays))
+
+    async def sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stopping.wait(), seconds)
+
+
+def _kafka_transient(exc: BaseException) -> bool:
+    return isinstance(exc, KafkaError | ConnectionError | TimeoutError)
+
+
+class WriterSession(ConsumerRebalanceListener):  # type: ignore[misc]
+    """One tenure as the single writer: fresh memory, consumer and producer."""
+
+    def __init__(self, worker: Worker, db: SettlementDb, lease: WriterLease) -> None:
+        self.worker = worker
+        self.settings = worker.settings
+        self.db = db
+        self.lease = lease
+        self.ledger = Ledger(worker.registry, self.settings.balance_cache_rows,
+                             self.settings.recent_ids)
+        self.offsets: Offsets[TopicPartition] = Offsets()
+        self.slots = asyncio.Semaphore(self.settings.max_in_flight)
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.fatal: BaseException | None = None
+        self.consumer: AIOKafkaConsumer = kafka.consumer(self.settings)
+        self.producer: AIOKafkaProducer = kafka.producer(self.settings)
+
+    @property
+    def health(self) -> metrics.Health:
+        return self.worker.health
+
+    def _ending(self) -> SessionEnd | None:
+        if self.fatal is not None:
+            return SessionEnd.FATAL
+        if self.lease.lost.is_set():
+            return SessionEnd.LEASE_LOST
+        if self.worker.stopping.is_set():
+            return SessionEnd.STOPPED
+        return None
+
+    async def run(self) -> SessionEnd:
+        try:
+            await self.worker._retry("kafka_connect", self.consumer.start, _kafka_transient)
+            await self.worker._retry("kafka_connect", self.producer.start, _kafka_transient)
+        except Stopping:
+            await self._close_clients()
+            return SessionEnd.STOPPED
+        self.health.checks["kafka"] = True
+        self.consumer.subscribe(list(self.settings.topics), listener=self)
+        helpers = [
+            asyncio.create_task(self._commit_loop(), name="commit"),
+            asyncio.create_task(self.lease.keep(self.worker._cql_down), name="lease"),
+        ]
+        try:
+            while (end := self._ending()) is None:
+                fetched = await self._fetch()
+                if fetched:
+                    await self._settle(fetched)
+        except Stopping:
+            end = self._ending() or SessionEnd.STOPPED
+        except LeaseLost:
+            end = SessionEnd.LEASE_LOST
+        except FatalError:
+            end = SessionEnd.FATAL
+        for helper in helpers:
+            helper.cancel()
+        await self._finish(end)
+        return end
+
+    async def _finish(self, end: SessionEnd) -> None:
+        if end is SessionEnd.FATAL:
+            log.error("stopping on a non-retryable error; nothing more is committed",
+                      error=repr(self.fatal))
+        elif end is SessionEnd.STOPPED:
+            await self._drain(DRAIN_TIMEOUT_S)
+            await self._commit(timeout=2.0)
+        for task in self.tasks:
+            task.cancel()  # abandoned batches are re-read from the committed offsets later
+        await self._close_clients()
+
+    async def _close_clients(self) -> None:
+        for client in (self.consumer, self.producer):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(client.stop(), 3)
+
+    # -- rebalance listener -----------------------------------------------------------------
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        await self._drain(30.0)
+        await self._commit(timeout=5.0)
+        self.offsets.forget(revoked)
+        self.health.checks["partitions"] = False
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        self.health.checks["partitions"] = True
+        log.info("partitions assigned", partitions=sorted(f"{tp.topic}:{tp.partition}"
+                                                          for tp in assigned))
+
+    # -- fetch -> settle -------------------------------------------------------------------
+
+    async def _fetch(self) -> dict[TopicPartition, list[ConsumerRecord]]:
+        try:
+            fetched: dict[TopicPartition, list[ConsumerRecord]] = await self.consumer.getmany(
+                timeout_ms=200, max_records=self.settings.fetch_max_records
+            )
+        except KafkaError as exc:
+            metrics.retry("kafka_fetch")
+            log.warning("fetch failed, retrying", error=repr(exc))
+            await self.worker.sleep(1.0)
+            return {}
+        return fetched
+
+    async def _settle(self, fetched: dict[TopicPartition, list[ConsumerRecord]]) -> None:
+        items: list[Item] = []
+        for tp, records in fetched.items():
+            for record in records:
+                self.offsets.track(tp, record.offset)
+                event = decode(record.value)
+                effect = event if isinstance(event, Rejected) else self.ledger.effect(event)
+                items.append(Item(tp, record, event, effect))
+        await self._load(items)
+        for item in items:
+            if self._ending() is not None:
+                raise Stopping
+            await self._plan_and_issue(item)
+        self.ledger.trim()
+        metrics.CACHE_ROWS.set(self.ledger.cached_rows)
+        metrics.CACHE_IDS.set(self.ledger.remembered_ids)
+
+    async def _plan_and_issue(self, item: Item) -> None:
+        if isinstance(item.event, Rejected):
+            await self._dead_letter(item, "unknown", item.event.reason, item.event.detail)
+            return
+        position = Position(item.tp.topic, item.tp.partition, item.record.offset)
+        plan = self.ledger.plan(item.event, item.effect, position)
+        if isinstance(plan, Skip):
+            metrics.event(kind(item.event), plan.outcome)
+            self.offsets.settle(item.tp, item.record.offset)
+        elif isinstance(plan, Reject):
+            await self._dead_letter(item, kind(item.event), plan.reason, plan.detail)
+        else:
+            await self._issue(item, plan)
+
+    async def _load(self, items: list[Item]) -> None:
+        """Bring into memory what planning these items needs: balance rows of users not
+        cached (one partition read per user) and settled records of ids not remembered
+        (one slice query per id bucket)."""
+        events = [item.event for item in items if not isinstance(item.event, Rejected)]
+        effects = [item.effect for item in items if isinstance(item.effect, Effect)]
+        ranges: dict[tuple[bool, int], list[int]] = defaultdict(list)
+        for is_trade, event_id in self.ledger.unknown_ids(events):
+            ranges[(is_trade, id_bucket(event_id))].append(event_id)
+        users = sorted(self.ledger.missing_users(effects))
+        gate = asyncio.Semaphore(LOAD_CONCURRENCY)
+
+        async def load_ids(is_trade: bool, bucket: int, ids: list[int]) -> None:
+            async with gate:
+                records = await self.worker._retry(
+                    "cql_read", lambda: self.db.settled(is_trade, bucket, min(ids), max(ids))
+                )
+            self.ledger.add_settled(is_trade, records)
+
+        async def load_user(user_id: int) -> None:
+            async with gate:
+                rows = await self.worker._retry("cql_read", lambda: self.db.load_user(user_id))
+            self.ledger.add_user(user_id, rows)
+
+        await asyncio.gather(
+            *(load_ids(is_trade, bucket, ids) for (is_trade, bucket), ids in ranges.items()),
+            *(load_user(user_id) for user_id in users),
+        )
+
+    # -- writes ----------------------------------------------------------------------------
+
+    async def _slot(self) -> None:
+        """Wait for room in the pipeline (backpressure), or stop."""
+        if self.slots.locked():
+            waiting = asyncio.ensure_future(self.slots.acquire())
+            stop = asyncio.ensure_future(self.worker.stopping.wait())
+            lost = asyncio.ensure_future(self.lease.lost.wait())
+            await asyncio.wait({waiting, stop, lost}, return_when=asyncio.FIRST_COMPLETED)
+            stop.cancel()
+            lost.cancel()
+            if not waiting.done():
+                waiting.cancel()
+                raise Stopping
+            if self._ending() is not None:
+                self.slots.release()
+                raise Stopping
+            return
+        await self.slots.acquire()
+
+    async def _timestamp(self) -> int:
+        while (ts := self.lease.next_timestamp()) is None:
+            if self.lease.lost.is_set():
+                raise LeaseLost
+            if self.worker.stopping.is_set():
+                raise Stopping
+            await asyncio.sleep(0.05)  # renewal pending (database slow or down)
+        return ts
+
+    async def _issue(self, item: Item, write: Write) -> None:
+        await self._slot()
+        try:
+            timestamp = await self._timestamp()
+        except BaseException:
+            self.slots.release()
+            raise
+        batch = self.db.settlement_batch(
+            write.event, rows=write.rows, digest=write.digest, source=str(write.position),
+            cost=write.cost, fee_account=self.worker.registry.fee_account, timestamp=timestamp,
+        )
+        self._spawn(self._land(item, write, batch))
+
+    def _spawn(self, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
+        self.tasks.add(task)
+        metrics.IN_FLIGHT.set(len(self.tasks))
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        self.slots.release()
+        metrics.IN_FLIGHT.set(len(self.tasks))
+
+    async def _land(self, item: Item, write: Write, batch: Any) -> None:
+        """Execute the batch until it is durable. A retry re-sends identical cells with the
+        same timestamp, so it can neither double-apply nor undo a later batch."""
+        started = time.perf_counter()
+
+        async def attempt() -> None:
+            if self.lease.lost.is_set():
+                raise Stopping  # the new writer re-reads this event from the committed offset
+            await self.db.run(batch)
+
+        try:
+            await self.worker._retry("cql_write", attempt)
+        except Stopping:
+            return
+        except Exception as exc:  # noqa: BLE001 - not transient: a bug, the session must end
+            self.fatal = exc
+            metrics.error("cql_write")
+            log.error("settlement batch rejected", error=repr(exc), **_where(item))
+            return
+        metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
+        self.ledger.landed(write)
+        self.offsets.settle(item.tp, item.record.offset)
+        assert not isinstance(item.event, Rejected)
+        metrics.event(kind(item.event), write.outcome)
+        metrics.settled_at(item.event.time)
+        for user_id, asset_id in write.negative_rows:
+            asset = self.worker.registry.asset(asset_id)
+            metrics.anomaly(asset.name if asset else str(asset_id))
+            log.warning("balance below zero after settlement", user_id=user_id,
+                        asset_id=asset_id, **_where(item))
+
+    async def _dead_letter(self, item: Item, event_kind: str, reason: str, detail: str) -> None:
+        await self._slot()
+        source = f"{item.tp.topic}/{item.tp.partition}/{item.record.offset}"
+        headers = kafka.dead_letter_headers(item.record.headers, reason, source, detail)
+
+        async def send() -> None:
+            async def attempt() -> None:
+                await self.producer.send_and_wait(
+                    self.settings.dlq_topic, value=item.record.value, key=item.record.key,
+                    headers=headers,
+                )
+
+            try:
+                await self.worker._retry("dlq_produce", attempt, _kafka_transient)
+            except Stopping:
+                return
+            self.offsets.settle(item.tp, item.record.offset)
+            outcome = "conflict" if reason == "conflicting_duplicate" else "invalid"
+            metrics.event(event_kind, outcome, reason)
+            log.warning("event dead-lettered", reason=reason, detail=detail, **_where(item))
+
+        self._spawn(send())
+
+    async def _drain(self, timeout: float) -> None:
+        if self.tasks:
+            await asyncio.wait(set(self.tasks), timeout=timeout)
+
+    # -- offsets -----------------------------------------------------------------------------
+
+    async def _commit_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.commit_interval_ms / 1000)
+            await self._commit(timeout=10.0)
+
+    async def _commit(self, timeout: float) -> None:
+        positions = self.offsets.commit_ready()
+        if not positions:
+            return
+        try:
+            await asyncio.wait_for(self.consumer.commit(positions), timeout)
+        except (KafkaError, TimeoutError) as exc:
+            metrics.retry("kafka_commit")
+            log.warning("offset commit failed, will retry", error=repr(exc))
+            return
+        self.offsets.committed(positions)
+        for tp, position in positions.items():
+            metrics.COMMITTED.labels(tp.topic, tp.partition).set(position)
+            end = self.consumer.highwater(tp)
+            if end is not None:
+                metrics.LAG.labels(tp.topic, tp.partition).set(max(0, end - position))
+
+
+def _where(item: Item) -> dict[str, Any]:
+    where: dict[str, Any] = {
+        "topic": item.tp.topic, "partition": item.tp.partition, "offset": item.record.offset,
+    }
+    if not isinstance(item.event, Rejected):
+        where["event_id"] = item.event.event_id
+        where["type"] = kind(item.event)
+    return where
+
+
+def run_worker(settings: Settings) -> int:
+    """Entry point of `settler run`: exit code 0 on SIGTERM/SIGINT after draining."""
+    logs.configure(settings.log_level, settings.log_format)
+    registry = load_registry(settings.registry)
+
+    async def main() -> int:
+        worker = Worker(settings, registry)
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, worker.stopping.set)
+        return await worker.run()
+
+    return asyncio.run(main())
