@@ -70,7 +70,7 @@ def to_decimal_string(raw: int, decimals: int) -> str:
     return f"{sign}{whole}.{digits}"
 
 
-_DECIMAL = re.compile(r"^(-?)(\d+)(?:\.(\d+))?$")
+_DECIMAL = re.compile(r"^(-?)([0-9]+)(?:\.([0-9]+))?$")
 
 
 def parse_decimal(text: str, decimals: int) -> int:

@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     "settler.commands.replay",
     "settler.commands.verify",
     "settler.commands.dlq",
+    "settler.commands.sample",
 )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -63,6 +64,12 @@ def _choice(*allowed: str) -> Callable[[str], str]:
     return parse
 
 
+def _text(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be empty")
+    return value.strip()
+
+
 def _optional_str(value: str) -> str | None:
     return value or None
 
@@ -72,6 +79,13 @@ def _existing_file(value: str) -> Path:
     if not path.is_file():
         raise ValueError(f"no such file: {value}")
     return path
+
+
+def _cql_name(value: str) -> str:
+    # Pasted into CQL text (CREATE KEYSPACE ...), so only a plain identifier is allowed.
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]{0,47}", value):
+        raise ValueError(f"expected a CQL identifier (letters, digits, _), got {value!r}")
+    return value
 
 
 def _replication(value: str) -> str:
@@ -84,7 +98,7 @@ def _replication(value: str) -> str:
         pairs = []
         for item in _str_list(params):
             dc, _, rf = item.partition("=")
-            if not dc or not rf:
+            if not re.fullmatch(r"[A-Za-z0-9_.-]+", dc) or not rf:
                 raise ValueError(f"expected dc=factor, got {item!r}")
             pairs.append(f"'{dc}': {_positive_int(rf)}")
         return "{'class': 'NetworkTopologyStrategy', " + ", ".join(pairs) + "}"
@@ -105,10 +119,10 @@ class Option:
 
 
 OPTIONS: dict[str, Option] = {
-    "kafka_bootstrap": Option("127.0.0.1:9092", str, "Kafka bootstrap servers"),
+    "kafka_bootstrap": Option("127.0.0.1:9092", _text, "Kafka bootstrap servers"),
     "topics": Option("settlement.events", _str_list, "input topics (comma-separated)"),
-    "dlq_topic": Option("settlement.events.dlq", str, "dead-letter topic"),
-    "group_id": Option("settler", str, "Kafka consumer group"),
+    "dlq_topic": Option("settlement.events.dlq", _text, "dead-letter topic"),
+    "group_id": Option("settler", _text, "Kafka consumer group"),
     "kafka_security_protocol": Option(
         "PLAINTEXT",
         _choice("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"),
@@ -125,7 +139,7 @@ OPTIONS: dict[str, Option] = {
     "cql_contact_points": Option(
         "127.0.0.1:9042", _str_list, "CQL contact points host:port (comma-separated)"
     ),
-    "keyspace": Option("settlement", str, "keyspace holding balances and trades"),
+    "keyspace": Option("settlement", _cql_name, "keyspace holding balances and trades"),
     "replication": Option(
         "SimpleStrategy:1",
         _replication,
@@ -144,9 +158,9 @@ OPTIONS: dict[str, Option] = {
     "cql_ssl_keyfile": Option("", _optional_str, "client key for CQL TLS"),
     "cql_request_timeout_s": Option("10", _positive_int, "CQL client request timeout (s)"),
     "registry": Option(str(DEFAULT_REGISTRY), _existing_file, "asset registry TOML file"),
-    "metrics_host": Option("0.0.0.0", str, "address of /metrics, /healthz, /readyz"),
+    "metrics_host": Option("0.0.0.0", _text, "address of /metrics, /healthz, /readyz"),
     "metrics_port": Option("9108", _port, "port of /metrics, /healthz, /readyz"),
-    "api_host": Option("127.0.0.1", str, "address of the balances HTTP API"),
+    "api_host": Option("127.0.0.1", _text, "address of the balances HTTP API"),
     "api_port": Option("8080", _port, "port of the balances HTTP API"),
     "max_in_flight": Option("256", _positive_int, "settlement batches in flight at once"),
     "fetch_max_records": Option("2000", _positive_int, "records per Kafka fetch"),

@@ -121,6 +121,9 @@ def decode(value: bytes | None) -> Event | Rejected:
         return Rejected(_classify(str(exc)), str(exc))
     except msgspec.DecodeError as exc:
         return Rejected(Reason.UNDECODABLE, str(exc))
+    except (UnicodeDecodeError, RecursionError) as exc:
+        # msgspec lets these escape for invalid UTF-8 in a kept string and absurd nesting.
+        return Rejected(Reason.UNDECODABLE, f"{type(exc).__name__}: {exc}")
 
 
 def _classify(message: str) -> Reason:
@@ -133,6 +136,8 @@ def _classify(message: str) -> Reason:
         return Reason.UNKNOWN_TYPE
     if message.startswith("Expected `object`"):
         return Reason.UNDECODABLE
+    if message.startswith("Integer value out of range"):
+        return Reason.BAD_RANGE
     if "`int` >=" in message or "`int` <=" in message or "`int` >" in message:
         return Reason.BAD_RANGE
     return Reason.WRONG_TYPE

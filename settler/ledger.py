@@ -175,8 +175,6 @@ class Ledger:
 
     def plan(self, event: Event, effect: Effect | Rejected, position: Position) -> Plan:
         """Decide what `event` at `position` does, and update memory as if it will land."""
-        if isinstance(effect, Rejected):
-            return Reject(effect.reason, effect.detail)
         is_trade, event_id = _id_of(event)
         fingerprint = digest(event)
         source = str(position)
@@ -188,6 +186,8 @@ class Ledger:
                 Reason.CONFLICTING_DUPLICATE,
                 f"id {event_id} was settled from {prior.source} with different content",
             )
+        if isinstance(effect, Rejected):
+            return Reject(effect.reason, effect.detail)
         try:
             rows = self._new_rows(effect, position)
         except AmountError as exc:

@@ -248,7 +248,8 @@ class WriterSession(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def _close_clients(self) -> None:
         for client in (self.consumer, self.producer):
-            with contextlib.suppress(Exception):
+            # aiokafka may re-raise the CancelledError of one of its own internal tasks.
+            with contextlib.suppress(Exception, asyncio.CancelledError):
                 await asyncio.wait_for(client.stop(), 3)
 
     # -- rebalance listener -----------------------------------------------------------------

@@ -215,11 +215,6 @@ def test_parse_decimal_rejects_text_that_is_not_a_plain_decimal(text: str) -> No
         parse_decimal(text, 8)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: parse_decimal's regex uses \\d, which matches any Unicode digit, so "
-    "Arabic-Indic or fullwidth digits are accepted as amounts (needs [0-9] or re.ASCII)",
-)
 @pytest.mark.parametrize("text", ["\u0661", "\uff11", "\u0663.\u0665"])
 def test_parse_decimal_rejects_non_ascii_digits(text: str) -> None:
     with pytest.raises(ValueError):

@@ -239,11 +239,6 @@ def test_help_lists_every_option_as_an_environment_variable_with_its_default() -
     "variable",
     ["SETTLER_KAFKA_BOOTSTRAP", "SETTLER_DLQ_TOPIC", "SETTLER_GROUP_ID", "SETTLER_KEYSPACE"],
 )
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: required string settings are parsed with plain `str`, so an empty value "
-    "(e.g. SETTLER_KEYSPACE=) is accepted and only fails later against Kafka/CQL",
-)
 def test_an_empty_required_setting_is_a_config_error(variable: str) -> None:
     with pytest.raises(ConfigError, match=variable):
         load_settings(environ={variable: ""})

@@ -1,0 +1,51 @@
+# The two commands of the README: `make run` and `make test`. Everything else is a step of them.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+PYTEST_ARGS ?=
+
+.PHONY: run test venv up down status lint unit integration bench clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@echo "setting up $(VENV) (python, settler and its dev tools)..."
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/pip install -q --upgrade pip
+	@$(BIN)/pip install -q -e '.[dev]'
+	@touch $@
+
+up: venv
+	@$(BIN)/settler dev up
+
+down: venv
+	@$(BIN)/settler dev down
+
+status: venv
+	@$(BIN)/settler dev status
+
+# Stack + schema, a sample stream, then the worker in the foreground.
+run: up
+	@$(BIN)/settler sample --events 5000
+	@echo "worker starting: metrics http://127.0.0.1:9108/metrics, logs below (JSON on non-terminals), stack logs in .stack/logs/; stop with Ctrl-C, then 'make down'"
+	@$(BIN)/settler run
+
+lint: venv
+	@$(BIN)/ruff check settler tests benchmarks
+	@$(BIN)/mypy
+
+unit: venv
+	@$(BIN)/pytest tests/unit -q $(PYTEST_ARGS)
+
+# Lint and type checks, then every test against a freshly started stack, which is
+# stopped afterwards whatever the outcome.
+test: lint
+	@$(BIN)/settler dev up
+	@status=0; $(BIN)/pytest -q -rfE --durations=15 $(PYTEST_ARGS) || status=$$?; \
+	  $(BIN)/settler dev down; exit $$status
+
+bench: up
+	@$(BIN)/python -m benchmarks
+
+clean:
+	rm -rf $(VENV) .stack .pytest_cache .mypy_cache .ruff_cache .hypothesis

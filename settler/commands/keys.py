@@ -1,0 +1,67 @@
+"""`settler keys create USER_ID` and `settler keys revoke KEY_ID`: API keys of `settler api`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from cassandra import InvalidRequest
+from cassandra.cluster import Session
+
+from settler import apikeys, cql
+from settler.commands.balances import user_id_argument
+from settler.config import Settings
+
+A = TypeVar("A")
+T = TypeVar("T")
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser("keys", help="create and revoke API keys of `settler api`")
+    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    create = actions.add_parser(
+        "create", help="print a new key for USER_ID (shown once; only its hash is stored)"
+    )
+    create.add_argument("user_id", type=user_id_argument, metavar="USER_ID")
+    create.set_defaults(handler=_create)
+    revoke = actions.add_parser("revoke", help="revoke a key by its KEY_ID")
+    revoke.add_argument("key_id", metavar="KEY_ID")
+    revoke.set_defaults(handler=_revoke)
+
+
+def _create(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        new = asyncio.run(_in_keyspace(settings, apikeys.create_key, args.user_id))
+    except (*cql.TRANSIENT_ERRORS, InvalidRequest) as exc:
+        print(f"settler keys create: {exc}", file=sys.stderr)
+        return 1
+    print(f"key_id: {new.key_id}")
+    print(f"api_key: {new.key}")
+    print(f"user_id: {new.user_id}")
+    print("Store the API key now: it is not shown again.", file=sys.stderr)
+    return 0
+
+
+def _revoke(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        revoked = asyncio.run(_in_keyspace(settings, apikeys.revoke_key, args.key_id))
+    except (*cql.TRANSIENT_ERRORS, InvalidRequest) as exc:
+        print(f"settler keys revoke: {exc}", file=sys.stderr)
+        return 1
+    if not revoked:
+        print(f"settler keys revoke: no key with id {args.key_id!r}", file=sys.stderr)
+        return 1
+    print(f"revoked {args.key_id}")
+    return 0
+
+
+async def _in_keyspace(settings: Settings, action: Callable[[Session, A], Awaitable[T]],
+                       argument: A) -> T:
+    cluster, session = await asyncio.to_thread(cql.connect, settings, keyspace=settings.keyspace)
+    try:
+        return await action(session, argument)
+    finally:
+        await asyncio.to_thread(cluster.shutdown)

@@ -1,0 +1,256 @@
+"""Driving the real stack from tests: topics and keyspaces of a test's own, producing
+records, running `settler run` as a real process, waiting for it, reading results."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from settler import cql
+from settler.config import Settings, load_settings
+from settler.sample import SampleRecord
+from settler.schema import apply_schema, drop_keyspace
+
+BOOTSTRAP = "127.0.0.1:9092"
+PARTITIONS = 3
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class TestEnv:
+    """One test's own topic, dead-letter topic, consumer group and keyspace."""
+
+    suffix: str
+    settings: Settings
+    log_dir: Path
+
+    @property
+    def topic(self) -> str:
+        return self.settings.topics[0]
+
+    def environ(self, **extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SETTLER_")}
+        env.update({
+            "SETTLER_TOPICS": self.topic,
+            "SETTLER_DLQ_TOPIC": self.settings.dlq_topic,
+            "SETTLER_GROUP_ID": self.settings.group_id,
+            "SETTLER_KEYSPACE": self.settings.keyspace,
+            "SETTLER_METRICS_HOST": "127.0.0.1",
+            "SETTLER_METRICS_PORT": str(free_port()),
+            "SETTLER_LOG_FORMAT": "json",
+            "SETTLER_LEASE_TTL_S": "4",
+            "SETTLER_CQL_REQUEST_TIMEOUT_S": "5",
+        })
+        env.update(extra)
+        return env
+
+
+def new_env(log_dir: Path, **overrides: str) -> TestEnv:
+    suffix = uuid.uuid4().hex[:10]
+    settings = load_settings(environ={
+        "SETTLER_TOPICS": f"t.{suffix}.events",
+        "SETTLER_DLQ_TOPIC": f"t.{suffix}.dlq",
+        "SETTLER_GROUP_ID": f"t-{suffix}",
+        "SETTLER_KEYSPACE": f"t_{suffix}",
+        **overrides,
+    })
+    return TestEnv(suffix, settings, log_dir)
+
+
+async def create(env: TestEnv) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=BOOTSTRAP)
+    await admin.start()
+    try:
+        await admin.create_topics([
+            NewTopic(env.topic, PARTITIONS, 1),
+            NewTopic(env.settings.dlq_topic, 1, 1),
+        ])
+    finally:
+        await admin.close()
+    await asyncio.to_thread(apply_schema, env.settings)
+
+
+async def destroy(env: TestEnv) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=BOOTSTRAP)
+    await admin.start()
+    try:
+        await admin.delete_topics([env.topic, env.settings.dlq_topic])
+        with contextlib.suppress(Exception):
+            await admin.delete_consumer_groups([env.settings.group_id])
+    finally:
+        await admin.close()
+    await asyncio.to_thread(drop_keyspace, env.settings)
+
+
+async def produce(topic: str, records: Iterable[SampleRecord]) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=BOOTSTRAP, acks="all", linger_ms=5,
+                                enable_idempotence=True)
+    await producer.start()
+    try:
+        futures = [await producer.send(topic, value=r.value, key=r.key) for r in records]
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+
+
+async def stop_quietly(consumer: AIOKafkaConsumer) -> None:
+    # aiokafka 0.14 re-raises a CancelledError of its own internal task when a
+    # group-less consumer stops; it is not a cancellation of ours.
+    with contextlib.suppress(asyncio.CancelledError):
+        await consumer.stop()
+
+
+async def end_offsets(topic: str) -> dict[TopicPartition, int]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=BOOTSTRAP)
+    await admin.start()
+    try:
+        (described,) = await admin.describe_topics([topic])
+    finally:
+        await admin.close()
+    partitions = [TopicPartition(topic, p["partition"]) for p in described["partitions"]]
+    assert partitions, f"topic {topic} has no partitions"
+    consumer = AIOKafkaConsumer(bootstrap_servers=BOOTSTRAP)
+    await consumer.start()
+    try:
+        ends: dict[TopicPartition, int] = await consumer.end_offsets(partitions)
+        return ends
+    finally:
+        await stop_quietly(consumer)
+
+
+async def committed_offsets(group: str) -> dict[TopicPartition, int]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=BOOTSTRAP)
+    await admin.start()
+    try:
+        offsets = await admin.list_consumer_group_offsets(group)
+    finally:
+        await admin.close()
+    return {tp: meta.offset for tp, meta in offsets.items() if meta.offset >= 0}
+
+
+async def wait_caught_up(env: TestEnv, timeout: float, worker: WorkerProcess | None = None
+                         ) -> None:
+    """Until the group's committed offsets reach the end of every input partition."""
+    ends = await end_offsets(env.topic)
+    deadline = time.monotonic() + timeout
+    while True:
+        committed = await committed_offsets(env.settings.group_id)
+        if all(committed.get(tp, 0) >= end for tp, end in ends.items()):
+            return
+        if worker is not None and worker.proc.poll() is not None:
+            raise AssertionError(f"worker exited with {worker.proc.returncode}:\n{worker.tail()}")
+        if time.monotonic() > deadline:
+            tail = worker.tail() if worker else ""
+            raise AssertionError(f"not caught up after {timeout}s: committed {committed}, "
+                                 f"ends {ends}\n{tail}")
+        await asyncio.sleep(0.5)
+
+
+class WorkerProcess:
+    """`settler run` as a real OS process, so tests can SIGKILL and SIGTERM it."""
+
+    def __init__(self, env: TestEnv, name: str = "worker", **extra_env: str) -> None:
+        self.env = env
+        self.environ = env.environ(**extra_env)
+        self.metrics_port = int(self.environ["SETTLER_METRICS_PORT"])
+        self.log_path = env.log_dir / f"{name}-{uuid.uuid4().hex[:6]}.log"
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "settler", "run"], env=self.environ,
+            stdout=self._log, stderr=subprocess.STDOUT,
+        )
+
+    def signal(self, signum: int) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signum)
+
+    def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self, timeout: float = 15) -> int:
+        self.signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+        finally:
+            self._log.close()
+
+    def tail(self, lines: int = 40) -> str:
+        self._log.flush()
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+@dataclass(frozen=True)
+class Row:
+    available: int
+    frozen: int
+    version: int
+    updated_at: int
+
+
+def read_rows(settings: Settings, query: str) -> list[Any]:
+    cluster, session = cql.connect(settings, keyspace=settings.keyspace)
+    try:
+        return list(session.execute(query, timeout=60))
+    finally:
+        cluster.shutdown()
+
+
+def balances(settings: Settings) -> dict[tuple[int, int], Row]:
+    rows = read_rows(settings, "SELECT user_id, asset_id, available, frozen, version, updated_at"
+                               " FROM user_balances")
+    return {(r[0], r[1]): Row(r[2], r[3], r[4], r[5]) for r in rows}
+
+
+def trade_ids(settings: Settings) -> list[int]:
+    return [r[0] for r in read_rows(settings, "SELECT trade_id FROM trades")]
+
+
+async def dead_letters(env: TestEnv) -> list[Any]:
+    """Every record of the dead-letter topic."""
+    topic = env.settings.dlq_topic
+    ends = await end_offsets(topic)
+    consumer = AIOKafkaConsumer(bootstrap_servers=BOOTSTRAP, auto_offset_reset="earliest")
+    await consumer.start()
+    out: list[Any] = []
+    try:
+        consumer.assign(list(ends))
+        await consumer.seek_to_beginning()
+        while True:
+            positions = {tp: await consumer.position(tp) for tp in ends}
+            if all(positions[tp] >= end for tp, end in ends.items()):
+                break
+            batch = await consumer.getmany(timeout_ms=1000)
+            for records in batch.values():
+                out.extend(records)
+    finally:
+        await stop_quietly(consumer)
+    return out
+
+
+def header(record: Any, name: str) -> str:
+    values: Mapping[str, bytes] = dict(record.headers or ())
+    return values[name].decode()

@@ -1,0 +1,170 @@
+"""Exactly-once settlement against the real Kafka broker and Cassandra node (issue 3)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import signal
+from collections import Counter
+
+import pytest
+
+from settler import devstack
+from settler.registry import Registry
+from settler.sample import SampleRecord, StreamShape, generate
+from tests import harness
+from tests.model import expected_balances
+
+pytestmark = pytest.mark.integration
+
+FULL = StreamShape(events=20_000, users=200, duplicate_rate=0.10, malformed_rate=0.02, seed=7)
+CATCH_UP_S = 300.0
+
+
+def assert_settled_exactly(env: harness.TestEnv, registry: Registry,
+                           records: list[SampleRecord]) -> None:
+    """Balances equal the independent model row by row; each trade is stored once."""
+    expected = expected_balances(registry, records)
+    actual = harness.balances(env.settings)
+    assert set(actual) == set(expected), "the set of balance rows differs from the model"
+    wrong = {
+        key: (actual[key], row)
+        for key, row in expected.items()
+        if (actual[key].available, actual[key].frozen, actual[key].version)
+        != (row.available, row.frozen, row.version)
+        or actual[key].updated_at not in row.times
+    }
+    assert not wrong, f"{len(wrong)} rows differ from the model, e.g. {list(wrong.items())[:3]}"
+    ids = harness.trade_ids(env.settings)
+    valid_trades = {r.value for r in records if r.expect is None and b'"trade"' in r.value}
+    assert len(ids) == len(set(ids)) == len(valid_trades)
+
+
+async def assert_dead_letters(env: harness.TestEnv, records: list[SampleRecord]) -> None:
+    """Every malformed record is in the dead-letter topic with its reason, once or more
+    (a dead letter is produced at least once), and nothing else is."""
+    letters = await harness.dead_letters(env)
+    got = Counter((bytes(r.value or b""), harness.header(r, "settler.reason")) for r in letters)
+    wanted = Counter((r.value, r.expect) for r in records if r.expect is not None)
+    assert set(got) == set(wanted)
+    assert all(harness.header(r, "settler.source").startswith(env.topic) for r in letters)
+
+
+async def test_stream_with_duplicates_and_malformed_records_settles_exactly(
+    env: harness.TestEnv, registry: Registry
+) -> None:
+    records = generate(registry, FULL)
+    await harness.produce(env.topic, records)
+    worker = harness.WorkerProcess(env)
+    try:
+        await harness.wait_caught_up(env, CATCH_UP_S, worker)
+    finally:
+        assert worker.stop() == 0
+    assert_settled_exactly(env, registry, records)
+    await assert_dead_letters(env, records)
+
+
+async def test_sigkill_at_random_moments_changes_nothing(
+    env: harness.TestEnv, registry: Registry
+) -> None:
+    records = generate(registry, FULL)
+    await harness.produce(env.topic, records)
+    rng = random.Random(11)
+    for _ in range(6):
+        worker = harness.WorkerProcess(env, name="killed")
+        await asyncio.sleep(rng.uniform(3.0, 7.0))
+        worker.kill()
+    worker = harness.WorkerProcess(env, name="final")
+    try:
+        await harness.wait_caught_up(env, CATCH_UP_S, worker)
+    finally:
+        assert worker.stop() == 0
+    assert_settled_exactly(env, registry, records)
+    await assert_dead_letters(env, records)
+
+
+@pytest.mark.parametrize("service", ["cassandra", "kafka"])
+async def test_service_frozen_for_20s_mid_stream_loses_nothing(
+    env: harness.TestEnv, registry: Registry, service: str
+) -> None:
+    records = generate(registry, FULL)
+    half = len(records) // 2
+    await harness.produce(env.topic, records[:half])
+    worker = harness.WorkerProcess(env)
+    try:
+        await asyncio.sleep(4)
+        devstack.pause(service)
+        try:
+            await asyncio.sleep(20)
+            assert worker.proc.poll() is None, "the worker exited while " + service + " was down"
+        finally:
+            devstack.resume(service)
+        await harness.produce(env.topic, records[half:])
+        await harness.wait_caught_up(env, CATCH_UP_S, worker)
+    finally:
+        assert worker.stop() == 0
+    assert_settled_exactly(env, registry, records)
+    await assert_dead_letters(env, records)
+
+
+async def test_replay_from_offset_zero_changes_no_balance(
+    env: harness.TestEnv, registry: Registry
+) -> None:
+    records = generate(registry, FULL)
+    await harness.produce(env.topic, records)
+    worker = harness.WorkerProcess(env)
+    try:
+        await harness.wait_caught_up(env, CATCH_UP_S, worker)
+    finally:
+        assert worker.stop() == 0
+    before = harness.balances(env.settings)
+    # A fresh consumer group reads the whole topic again from offset 0.
+    replay = harness.WorkerProcess(env, name="replay", SETTLER_GROUP_ID=env.settings.group_id + "-r")
+    env_replay = harness.TestEnv(env.suffix, env.settings.replace(
+        group_id=env.settings.group_id + "-r"), env.log_dir)
+    try:
+        await harness.wait_caught_up(env_replay, CATCH_UP_S, replay)
+    finally:
+        assert replay.stop() == 0
+    assert harness.balances(env.settings) == before
+    assert_settled_exactly(env, registry, records)
+
+
+async def test_two_workers_started_at_once_keep_balances_exact(
+    env: harness.TestEnv, registry: Registry
+) -> None:
+    records = generate(registry, FULL)
+    await harness.produce(env.topic, records)
+    first, second = harness.WorkerProcess(env, "a"), harness.WorkerProcess(env, "b")
+    try:
+        await asyncio.sleep(6)
+        # Rolling deploy: the active one stops, the standby takes over and finishes.
+        active = first if '"writer lease taken"' in first.tail(400) else second
+        assert active.stop() == 0
+        other = second if active is first else first
+        await harness.wait_caught_up(env, CATCH_UP_S, other)
+    finally:
+        for worker in (first, second):
+            if worker.proc.poll() is None:
+                assert worker.stop() == 0
+    assert_settled_exactly(env, registry, records)
+
+
+async def test_sigterm_while_busy_exits_0_within_10s_and_restart_continues(
+    env: harness.TestEnv, registry: Registry
+) -> None:
+    records = generate(registry, FULL)
+    await harness.produce(env.topic, records)
+    worker = harness.WorkerProcess(env)
+    await asyncio.sleep(5)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    worker.signal(signal.SIGTERM)
+    code = await asyncio.to_thread(worker.proc.wait, 10)
+    assert code == 0 and loop.time() - started < 10
+    again = harness.WorkerProcess(env, name="again")
+    try:
+        await harness.wait_caught_up(env, CATCH_UP_S, again)
+    finally:
+        assert again.stop() == 0
+    assert_settled_exactly(env, registry, records)
