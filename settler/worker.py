@@ -146,7 +146,7 @@ class Worker:
         return 0
 
     def _cql_down(self, exc: BaseException) -> None:
-        self.health.checks["cql"] = False
+        self._health_check("cql", ok=False)
         metrics.retry("cql_lease")
         log.warning("database unavailable, retrying", error=repr(exc))
 
@@ -159,13 +159,22 @@ class Worker:
             if self.stopping.is_set():
                 raise Stopping
             try:
-                return await attempt()
+                result = await attempt()
             except Exception as exc:
                 if not transient(exc):
                     raise
                 metrics.retry(what)
+                self._health_check(what, ok=False)
                 log.warning("transient failure, retrying", kind=what, error=repr(exc))
+            else:
+                self._health_check(what, ok=True)
+                return result
             await self.sleep(next(delays))
+
+    def _health_check(self, what: str, *, ok: bool) -> None:
+        """Readiness follows the outcome of the latest database or broker call."""
+        check = "cql" if what.startswith("cql") else "kafka"
+        self.health.checks[check] = ok
 
     async def sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):

@@ -203,6 +203,37 @@ class WorkerProcess:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
 
+async def wait_for_log(worker: WorkerProcess, text: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in worker.log_path.read_text(errors="replace"):
+        if worker.proc.poll() is not None:
+            raise AssertionError(f"worker exited with {worker.proc.returncode}:\n{worker.tail()}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{text!r} not logged within {timeout}s:\n{worker.tail()}")
+        await asyncio.sleep(0.1)
+
+
+async def scrape(port: int, path: str = "/metrics") -> tuple[int, str]:
+    """A plain HTTP GET on 127.0.0.1 (no client library needed for the worker's endpoints)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+    await writer.drain()
+    response = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    head, _, body = response.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body.decode()
+
+
+async def metric(worker: WorkerProcess, name: str) -> float:
+    """Sum of every sample of one metric family (all label sets)."""
+    _, text = await scrape(worker.metrics_port)
+    return sum(
+        float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+        if line.startswith(name) and not line.startswith("#")
+        and line[len(name)] in "{ "
+    )
+
+
 @dataclass(frozen=True)
 class Row:
     available: int

@@ -69,11 +69,18 @@ async def test_sigkill_at_random_moments_changes_nothing(
 ) -> None:
     records = generate(registry, FULL)
     await harness.produce(env.topic, records)
+    ends = sum((await harness.end_offsets(env.topic)).values())
     rng = random.Random(11)
+    progress_at_kills = []
     for _ in range(6):
         worker = harness.WorkerProcess(env, name="killed")
-        await asyncio.sleep(rng.uniform(3.0, 7.0))
+        await harness.wait_for_log(worker, "partitions assigned", timeout=60)
+        await asyncio.sleep(rng.uniform(0.2, 1.5))
         worker.kill()
+        progress_at_kills.append(sum((await harness.committed_offsets(
+            env.settings.group_id)).values()))
+    assert any(0 < done < ends for done in progress_at_kills), (
+        f"no kill landed mid-stream: committed {progress_at_kills} of {ends}")
     worker = harness.WorkerProcess(env, name="final")
     try:
         await harness.wait_caught_up(env, CATCH_UP_S, worker)
@@ -88,18 +95,19 @@ async def test_service_frozen_for_20s_mid_stream_loses_nothing(
     env: harness.TestEnv, registry: Registry, service: str
 ) -> None:
     records = generate(registry, FULL)
-    half = len(records) // 2
-    await harness.produce(env.topic, records[:half])
+    await harness.produce(env.topic, records)
     worker = harness.WorkerProcess(env)
     try:
-        await asyncio.sleep(4)
+        await harness.wait_for_log(worker, "partitions assigned", timeout=60)
+        await asyncio.sleep(1.5)
         devstack.pause(service)
         try:
             await asyncio.sleep(20)
-            assert worker.proc.poll() is None, "the worker exited while " + service + " was down"
+            assert worker.proc.poll() is None, f"the worker exited while {service} was down"
+            retries = await harness.metric(worker, "settler_retries_total")
         finally:
             devstack.resume(service)
-        await harness.produce(env.topic, records[half:])
+        assert retries > 0, f"no retry counted while {service} was down"
         await harness.wait_caught_up(env, CATCH_UP_S, worker)
     finally:
         assert worker.stop() == 0
@@ -119,7 +127,8 @@ async def test_replay_from_offset_zero_changes_no_balance(
         assert worker.stop() == 0
     before = harness.balances(env.settings)
     # A fresh consumer group reads the whole topic again from offset 0.
-    replay = harness.WorkerProcess(env, name="replay", SETTLER_GROUP_ID=env.settings.group_id + "-r")
+    replay = harness.WorkerProcess(env, name="replay",
+                                   SETTLER_GROUP_ID=env.settings.group_id + "-r")
     env_replay = harness.TestEnv(env.suffix, env.settings.replace(
         group_id=env.settings.group_id + "-r"), env.log_dir)
     try:
