@@ -22,6 +22,12 @@ BATCH_SECONDS = Histogram(
     "Time from issuing a settlement batch to its acknowledgement, retries included",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
+SETTLE_LATENCY = Histogram(
+    "settler_settle_latency_seconds",
+    "From the record's Kafka timestamp (produced) to its batch being durable",
+    buckets=(0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75,
+             1, 2, 5, 10, 30, 60),
+)
 IN_FLIGHT = Gauge("settler_batches_in_flight", "Settlement batches issued, not yet acknowledged")
 LAG = Gauge("settler_consumer_lag", "Records behind the partition's end (uncommitted)",
             ["topic", "partition"])

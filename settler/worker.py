@@ -421,6 +421,7 @@ class WriterSession(ConsumerRebalanceListener):  # type: ignore[misc]
             log.error("settlement batch rejected", error=repr(exc), **_where(item))
             return
         metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
+        metrics.SETTLE_LATENCY.observe(max(0.0, time.time() - item.record.timestamp / 1000))
         self.ledger.landed(write)
         self.offsets.settle(item.tp, item.record.offset)
         assert not isinstance(item.event, Rejected)
