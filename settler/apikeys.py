@@ -27,13 +27,13 @@ MAX_KEY_LENGTH: Final = 128
 
 _CQL: Final = {
     "insert_key": (
-        "INSERT INTO api_keys (key_hash, key_id, user_id, created_at, revoked)"
+        "INSERT INTO {ks}.api_keys (key_hash, key_id, user_id, created_at, revoked)"
         " VALUES (?, ?, ?, ?, false)"
     ),
-    "insert_key_id": "INSERT INTO api_keys_by_id (key_id, key_hash) VALUES (?, ?)",
-    "owner": "SELECT user_id, key_id, revoked FROM api_keys WHERE key_hash = ?",
-    "hash_of_id": "SELECT key_hash FROM api_keys_by_id WHERE key_id = ?",
-    "revoke": "UPDATE api_keys SET revoked = true WHERE key_hash = ?",
+    "insert_key_id": "INSERT INTO {ks}.api_keys_by_id (key_id, key_hash) VALUES (?, ?)",
+    "owner": "SELECT user_id, key_id, revoked FROM {ks}.api_keys WHERE key_hash = ?",
+    "hash_of_id": "SELECT key_hash FROM {ks}.api_keys_by_id WHERE key_id = ?",
+    "revoke": "UPDATE {ks}.api_keys SET revoked = true WHERE key_hash = ?",
 }
 
 # Prepared once per session; the driver does not deduplicate `prepare()` round trips itself.
@@ -68,7 +68,8 @@ async def prepare(session: Session) -> dict[str, PreparedStatement]:
     statements = _prepared.get(session)
     if statements is None:
         statements = await asyncio.to_thread(
-            lambda: {name: session.prepare(text) for name, text in _CQL.items()}
+            lambda: {name: session.prepare(text.format(ks=session.keyspace))
+                     for name, text in _CQL.items()}
         )
         _prepared[session] = statements
     return statements

@@ -163,6 +163,10 @@ OPTIONS: dict[str, Option] = {
     "api_host": Option("127.0.0.1", _text, "address of the balances HTTP API"),
     "api_port": Option("8080", _port, "port of the balances HTTP API"),
     "max_in_flight": Option("256", _positive_int, "settlement batches in flight at once"),
+    "batch_events": Option(
+        "32", _positive_int,
+        "consecutive events coalesced into one LOGGED batch (1: one batch per event)",
+    ),
     "fetch_max_records": Option("2000", _positive_int, "records per Kafka fetch"),
     "commit_interval_ms": Option("500", _positive_int, "offset commit interval (ms)"),
     "balance_cache_rows": Option(
@@ -213,6 +217,7 @@ class Settings:
     api_host: str
     api_port: int
     max_in_flight: int
+    batch_events: int
     fetch_max_records: int
     commit_interval_ms: int
     balance_cache_rows: int

@@ -10,7 +10,7 @@ Library use (other services):
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -19,8 +19,8 @@ from cassandra.query import BatchStatement, BatchType, PreparedStatement
 
 from settler import cql
 from settler.config import Settings
-from settler.events import BalanceEvent, Trade, kind
-from settler.ledger import RowWrite, SettledRecord, StoredRow
+from settler.events import Trade, kind
+from settler.ledger import RowWrite, SettledRecord, StoredRow, Write
 from settler.settlement import Balance
 
 ID_BUCKET_BITS: Final = 12
@@ -46,19 +46,19 @@ class UserBalance:
 _BALANCE_COLUMNS = "asset_id, available, frozen, version, updated_at"
 
 _CQL: Final = {
-    "all_balances": f"SELECT {_BALANCE_COLUMNS} FROM user_balances WHERE user_id = ?",
+    "all_balances": f"SELECT {_BALANCE_COLUMNS} FROM {{ks}}.user_balances WHERE user_id = ?",
     "one_balance": (
-        f"SELECT {_BALANCE_COLUMNS} FROM user_balances WHERE user_id = ? AND asset_id = ?"
+        f"SELECT {_BALANCE_COLUMNS} FROM {{ks}}.user_balances WHERE user_id = ? AND asset_id = ?"
     ),
     "load_user": (
-        f"SELECT {_BALANCE_COLUMNS}, applied FROM user_balances WHERE user_id = ?"
+        f"SELECT {_BALANCE_COLUMNS}, applied FROM {{ks}}.user_balances WHERE user_id = ?"
     ),
     "write_balance": (
-        "INSERT INTO user_balances (user_id, asset_id, available, frozen, version,"
+        "INSERT INTO {ks}.user_balances (user_id, asset_id, available, frozen, version,"
         " updated_at, applied) VALUES (?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ?"
     ),
     "write_trade": (
-        "INSERT INTO trades (bucket, trade_id, symbol, buy_order_id, sell_order_id,"
+        "INSERT INTO {ks}.trades (bucket, trade_id, symbol, buy_order_id, sell_order_id,"
         " buyer_user_id, seller_user_id, base_asset_id, quote_asset_id, price, quantity,"
         " cost, buyer_refund, seller_refund, buyer_fee, seller_fee, fee_account,"
         " match_seq, executed_at, digest, source)"
@@ -66,15 +66,15 @@ _CQL: Final = {
         " USING TIMESTAMP ?"
     ),
     "write_balance_event": (
-        "INSERT INTO balance_events (bucket, event_id, kind, user_id, asset_id, amount, ts,"
+        "INSERT INTO {ks}.balance_events (bucket, event_id, kind, user_id, asset_id, amount, ts,"
         " digest, source) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ?"
     ),
     "settled_trades": (
-        "SELECT trade_id, digest, source FROM trades"
+        "SELECT trade_id, digest, source FROM {ks}.trades"
         " WHERE bucket = ? AND trade_id >= ? AND trade_id <= ?"
     ),
     "settled_balance_events": (
-        "SELECT event_id, digest, source FROM balance_events"
+        "SELECT event_id, digest, source FROM {ks}.balance_events"
         " WHERE bucket = ? AND event_id >= ? AND event_id <= ?"
     ),
 }
@@ -87,7 +87,9 @@ class SettlementDb:
         self.cluster = cluster
         self.session = session
         self._prepared: dict[str, PreparedStatement] = {
-            name: session.prepare(text) for name, text in _CQL.items()
+            # Table names are qualified: Cassandra 5 warns against prepared statements
+            # that lean on the session's `USE <keyspace>`.
+            name: session.prepare(text.format(ks=session.keyspace)) for name, text in _CQL.items()
         }
 
     @classmethod
@@ -146,39 +148,48 @@ class SettlementDb:
 
     def settlement_batch(
         self,
-        event: Trade | BalanceEvent,
+        writes: Sequence[Write],
         *,
-        rows: Iterable[RowWrite],
-        digest: bytes,
-        source: str,
-        cost: int,
         fee_account: int,
         timestamp: int,
     ) -> BatchStatement:
-        """ONE LOGGED batch: the event's record plus the absolute values of its rows.
+        """ONE LOGGED batch: the record of each event plus the final absolute value of each
+        row they touch (a row touched by several of them is written once, last value).
 
         Every statement carries the same explicit write timestamp, so re-executing the
         batch after a timeout rewrites identical cells and cannot undo a later batch.
         """
         batch = BatchStatement(BatchType.LOGGED)
-        for row in rows:
+        rows: dict[tuple[int, int], RowWrite] = {}
+        for write in writes:
+            for row in write.rows:
+                rows[(row.user_id, row.asset_id)] = row
+        write_balance = self._prepared["write_balance"]
+        for row in rows.values():
             b = row.balance
             batch.add(
-                self._prepared["write_balance"],
+                write_balance,
                 (row.user_id, row.asset_id, b.available, b.frozen, b.version, b.updated_at,
-                 dict(row.applied), timestamp),
+                 row.applied, timestamp),
             )
+        for write in writes:
+            self._add_record(batch, write, fee_account, timestamp)
+        return batch
+
+    def _add_record(self, batch: BatchStatement, write: Write, fee_account: int,
+                    timestamp: int) -> None:
+        event, digest, source = write.event, write.digest, str(write.position)
         if isinstance(event, Trade):
             batch.add(self._prepared["write_trade"], (
                 id_bucket(event.trade_id), event.trade_id, event.symbol, event.buy_order_id,
                 event.sell_order_id, event.buyer_user_id, event.seller_user_id,
-                event.base_asset_id, event.quote_asset_id, event.price, event.quantity, cost,
-                event.buyer_refund, event.seller_refund, event.buyer_fee, event.seller_fee,
-                fee_account, event.match_seq, event.executed_at, digest, source, timestamp,
+                event.base_asset_id, event.quote_asset_id, event.price, event.quantity,
+                write.cost, event.buyer_refund, event.seller_refund, event.buyer_fee,
+                event.seller_fee, fee_account, event.match_seq, event.executed_at, digest,
+                source, timestamp,
             ))
         else:
             batch.add(self._prepared["write_balance_event"], (
                 id_bucket(event.event_id), event.event_id, kind(event), event.user_id,
                 event.asset_id, event.amount, event.ts, digest, source, timestamp,
             ))
-        return batch

@@ -28,21 +28,21 @@ from settler import cql
 LEASE_NAME: Final = "writer"
 
 _CQL: Final = {
-    "read": "SELECT owner, epoch, expires_at, ts_ceiling FROM writer_lease WHERE name = ?",
+    "read": "SELECT owner, epoch, expires_at, ts_ceiling FROM {ks}.writer_lease WHERE name = ?",
     "create": (
-        "INSERT INTO writer_lease (name, owner, epoch, expires_at, ts_ceiling)"
+        "INSERT INTO {ks}.writer_lease (name, owner, epoch, expires_at, ts_ceiling)"
         " VALUES (?, ?, 1, ?, ?) IF NOT EXISTS"
     ),
     "take": (
-        "UPDATE writer_lease SET owner = ?, epoch = ?, expires_at = ?, ts_ceiling = ?"
+        "UPDATE {ks}.writer_lease SET owner = ?, epoch = ?, expires_at = ?, ts_ceiling = ?"
         " WHERE name = ? IF epoch = ?"
     ),
     "renew": (
-        "UPDATE writer_lease SET expires_at = ?, ts_ceiling = ?"
+        "UPDATE {ks}.writer_lease SET expires_at = ?, ts_ceiling = ?"
         " WHERE name = ? IF owner = ? AND epoch = ?"
     ),
     "release": (
-        "UPDATE writer_lease SET owner = null, expires_at = 0, ts_ceiling = ?"
+        "UPDATE {ks}.writer_lease SET owner = null, expires_at = 0, ts_ceiling = ?"
         " WHERE name = ? IF owner = ? AND epoch = ?"
     ),
 }
@@ -82,7 +82,7 @@ class WriterLease:
         self._lost = asyncio.Event()
         self._statements: dict[str, PreparedStatement] = {}
         for key, text in _CQL.items():
-            statement = session.prepare(text)
+            statement = session.prepare(text.format(ks=session.keyspace))
             statement.consistency_level = ConsistencyLevel.QUORUM
             statement.serial_consistency_level = ConsistencyLevel.SERIAL
             self._statements[key] = statement

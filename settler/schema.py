@@ -37,7 +37,7 @@ def apply_schema(settings: Settings) -> list[str]:
     try:
         for statement in statements:
             session.execute(statement, timeout=60)
-        cluster.control_connection.wait_for_schema_agreement(wait_time=30)
+        session.wait_for_schema_agreement(wait_time=30)
     finally:
         cluster.shutdown()
     return statements

@@ -297,27 +297,37 @@ class WriterSession(ConsumerRebalanceListener):  # type: ignore[misc]
                 effect = event if isinstance(event, Rejected) else self.ledger.effect(event)
                 items.append(Item(tp, record, event, effect))
         await self._load(items)
+        group: list[tuple[Item, Write]] = []
         for item in items:
             if self._ending() is not None:
                 raise Stopping
-            await self._plan_and_issue(item)
+            write = await self._plan(item)
+            if write is not None:
+                group.append((item, write))
+                if len(group) >= self.settings.batch_events:
+                    await self._issue(group)
+                    group = []
+        if group:
+            await self._issue(group)
         self.ledger.trim()
         metrics.CACHE_ROWS.set(self.ledger.cached_rows)
         metrics.CACHE_IDS.set(self.ledger.remembered_ids)
 
-    async def _plan_and_issue(self, item: Item) -> None:
+    async def _plan(self, item: Item) -> Write | None:
+        """Skip or dead-letter the item now, or return the rows it writes."""
         if isinstance(item.event, Rejected):
             await self._dead_letter(item, "unknown", item.event.reason, item.event.detail)
-            return
+            return None
         position = Position(item.tp.topic, item.tp.partition, item.record.offset)
         plan = self.ledger.plan(item.event, item.effect, position)
         if isinstance(plan, Skip):
             metrics.event(kind(item.event), plan.outcome)
             self.offsets.settle(item.tp, item.record.offset)
-        elif isinstance(plan, Reject):
+            return None
+        if isinstance(plan, Reject):
             await self._dead_letter(item, kind(item.event), plan.reason, plan.detail)
-        else:
-            await self._issue(item, plan)
+            return None
+        return plan
 
     async def _load(self, items: list[Item]) -> None:
         """Bring into memory what planning these items needs: balance rows of users not
@@ -377,7 +387,10 @@ class WriterSession(ConsumerRebalanceListener):  # type: ignore[misc]
             await asyncio.sleep(0.05)  # renewal pending (database slow or down)
         return ts
 
-    async def _issue(self, item: Item, write: Write) -> None:
+    async def _issue(self, group: list[tuple[Item, Write]]) -> None:
+        """Send consecutive planned events as ONE LOGGED batch (coalescing their hot rows:
+        each trade stays inside one atomic batch, a row shared by several is written
+        once with its final value)."""
         await self._slot()
         try:
             timestamp = await self._timestamp()
@@ -385,10 +398,10 @@ class WriterSession(ConsumerRebalanceListener):  # type: ignore[misc]
             self.slots.release()
             raise
         batch = self.db.settlement_batch(
-            write.event, rows=write.rows, digest=write.digest, source=str(write.position),
-            cost=write.cost, fee_account=self.worker.registry.fee_account, timestamp=timestamp,
+            [write for _, write in group], fee_account=self.worker.registry.fee_account,
+            timestamp=timestamp,
         )
-        self._spawn(self._land(item, write, batch))
+        self._spawn(self._land(group, batch))
 
     def _spawn(self, work: Awaitable[None]) -> None:
         task = asyncio.ensure_future(work)
@@ -401,14 +414,14 @@ class WriterSession(ConsumerRebalanceListener):  # type: ignore[misc]
         self.slots.release()
         metrics.IN_FLIGHT.set(len(self.tasks))
 
-    async def _land(self, item: Item, write: Write, batch: Any) -> None:
+    async def _land(self, group: list[tuple[Item, Write]], batch: Any) -> None:
         """Execute the batch until it is durable. A retry re-sends identical cells with the
         same timestamp, so it can neither double-apply nor undo a later batch."""
         started = time.perf_counter()
 
         async def attempt() -> None:
             if self.lease.lost.is_set():
-                raise Stopping  # the new writer re-reads this event from the committed offset
+                raise Stopping  # the new writer re-reads these events from the committed offset
             await self.db.run(batch)
 
         try:
@@ -418,20 +431,21 @@ class WriterSession(ConsumerRebalanceListener):  # type: ignore[misc]
         except Exception as exc:  # noqa: BLE001 - not transient: a bug, the session must end
             self.fatal = exc
             metrics.error("cql_write")
-            log.error("settlement batch rejected", error=repr(exc), **_where(item))
+            log.error("settlement batch rejected", error=repr(exc), **_where(group[0][0]))
             return
+        now = time.time()
         metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
-        metrics.SETTLE_LATENCY.observe(max(0.0, time.time() - item.record.timestamp / 1000))
-        self.ledger.landed(write)
-        self.offsets.settle(item.tp, item.record.offset)
-        assert not isinstance(item.event, Rejected)
-        metrics.event(kind(item.event), write.outcome)
-        metrics.settled_at(item.event.time)
-        for user_id, asset_id in write.negative_rows:
-            asset = self.worker.registry.asset(asset_id)
-            metrics.anomaly(asset.name if asset else str(asset_id))
-            log.warning("balance below zero after settlement", user_id=user_id,
-                        asset_id=asset_id, **_where(item))
+        for item, write in group:
+            self.ledger.landed(write)
+            self.offsets.settle(item.tp, item.record.offset)
+            metrics.SETTLE_LATENCY.observe(max(0.0, now - item.record.timestamp / 1000))
+            metrics.event(kind(write.event), write.outcome)
+            for user_id, asset_id in write.negative_rows:
+                asset = self.worker.registry.asset(asset_id)
+                metrics.anomaly(asset.name if asset else str(asset_id))
+                log.warning("balance below zero after settlement", user_id=user_id,
+                            asset_id=asset_id, **_where(item))
+        metrics.settled_at(group[-1][1].event.time)
 
     async def _dead_letter(self, item: Item, event_kind: str, reason: str, detail: str) -> None:
         await self._slot()
