@@ -178,6 +178,10 @@ OPTIONS: dict[str, Option] = {
     "lease_ttl_s": Option("10", _positive_int, "single-writer lease lifetime (s)"),
     "retry_initial_ms": Option("100", _positive_int, "first retry delay (ms)"),
     "retry_max_ms": Option("5000", _positive_int, "retry delay cap (ms)"),
+    "event_loop": Option(
+        "asyncio", _choice("auto", "asyncio", "uvloop"),
+        "event loop of the worker: asyncio, uvloop, or auto (uvloop when installed)",
+    ),
     "log_level": Option(
         "info", _choice("debug", "info", "warning", "error"), "log level"
     ),
@@ -225,6 +229,7 @@ class Settings:
     lease_ttl_s: int
     retry_initial_ms: int
     retry_max_ms: int
+    event_loop: str
     log_level: str
     log_format: str
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)

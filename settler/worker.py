@@ -24,7 +24,7 @@ from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import KafkaError
 
 from settler import cql, kafka, logs, metrics
-from settler.config import Settings
+from settler.config import ConfigError, Settings
 from settler.db import SettlementDb, id_bucket
 from settler.events import Event, Rejected, decode, kind
 from settler.lease import Holder, LeaseLost, WriterLease
@@ -440,12 +440,22 @@ class WriterSession(ConsumerRebalanceListener):  # type: ignore[misc]
             self.offsets.settle(item.tp, item.record.offset)
             metrics.SETTLE_LATENCY.observe(max(0.0, now - item.record.timestamp / 1000))
             metrics.event(kind(write.event), write.outcome)
-            for user_id, asset_id in write.negative_rows:
-                asset = self.worker.registry.asset(asset_id)
-                metrics.anomaly(asset.name if asset else str(asset_id))
-                log.warning("balance below zero after settlement", user_id=user_id,
-                            asset_id=asset_id, **_where(item))
+            if write.negative_rows:
+                self._anomalies(item, write)
         metrics.settled_at(group[-1][1].event.time)
+
+    def _anomalies(self, item: Item, write: Write) -> None:
+        """Rows left below zero: applied anyway (the engine is the authority on funds),
+        counted per asset and logged once per event."""
+        names = []
+        for _, asset_id in write.negative_rows:
+            asset = self.worker.registry.asset(asset_id)
+            names.append(asset.name if asset else str(asset_id))
+            metrics.anomaly(names[-1])
+        log.warning("balance below zero after settlement",
+                    rows=[f"{user}:{name}" for (user, _), name in zip(write.negative_rows, names,
+                                                                       strict=True)],
+                    **_where(item))
 
     async def _dead_letter(self, item: Item, event_kind: str, reason: str, detail: str) -> None:
         await self._slot()
@@ -513,6 +523,15 @@ def run_worker(settings: Settings) -> int:
     """Entry point of `settler run`: exit code 0 on SIGTERM/SIGINT after draining."""
     logs.configure(settings.log_level, settings.log_format)
     registry = load_registry(settings.registry)
+    runner = asyncio.run
+    if settings.event_loop in ("auto", "uvloop"):
+        try:
+            import uvloop
+        except ImportError:
+            if settings.event_loop == "uvloop":
+                raise ConfigError("SETTLER_EVENT_LOOP: uvloop is not installed") from None
+        else:
+            runner = uvloop.run
 
     async def main() -> int:
         worker = Worker(settings, registry)
@@ -521,4 +540,4 @@ def run_worker(settings: Settings) -> int:
             loop.add_signal_handler(signum, worker.stopping.set)
         return await worker.run()
 
-    return asyncio.run(main())
+    return runner(main())
