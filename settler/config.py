@@ -279,6 +279,11 @@ def load_settings(
         except ValueError as exc:
             where = sources[name] if sources[name] != "default" else env_name(name)
             raise ConfigError(f"{where}: invalid {name}: {exc}") from None
+    if parsed["dlq_topic"] in parsed["topics"]:
+        raise ConfigError(
+            f"{env_name('dlq_topic')}: the dead-letter topic {parsed['dlq_topic']!r} is also "
+            "an input topic (invalid records would loop)"
+        )
     return Settings(**parsed, sources=sources)
 
 

@@ -37,7 +37,10 @@ log = logs.get("settler.worker")
 
 T = TypeVar("T")
 
-DRAIN_TIMEOUT_S = 6.0
+# SIGTERM budget (must end well inside the 10 s a supervisor usually grants):
+# drain in-flight batches, commit, then close clients and release the lease.
+DRAIN_TIMEOUT_S = 4.0
+CLOSE_TIMEOUT_S = 2.0
 LOAD_CONCURRENCY = 64
 
 
@@ -107,7 +110,7 @@ class Worker:
             code = await self._lead(db, lease)
         finally:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(lease.release(), 3)
+                await asyncio.wait_for(lease.release(), CLOSE_TIMEOUT_S)
             metrics.WRITER.set(0)
             await db.close()
             server.close()
@@ -250,16 +253,18 @@ class WriterSession(ConsumerRebalanceListener):  # type: ignore[misc]
                       error=repr(self.fatal))
         elif end is SessionEnd.STOPPED:
             await self._drain(DRAIN_TIMEOUT_S)
-            await self._commit(timeout=2.0)
+            await self._commit(timeout=CLOSE_TIMEOUT_S)
         for task in self.tasks:
             task.cancel()  # abandoned batches are re-read from the committed offsets later
         await self._close_clients()
 
     async def _close_clients(self) -> None:
-        for client in (self.consumer, self.producer):
+        async def close(client: AIOKafkaConsumer | AIOKafkaProducer) -> None:
             # aiokafka may re-raise the CancelledError of one of its own internal tasks.
             with contextlib.suppress(Exception, asyncio.CancelledError):
-                await asyncio.wait_for(client.stop(), 3)
+                await asyncio.wait_for(client.stop(), CLOSE_TIMEOUT_S)
+
+        await asyncio.gather(close(self.consumer), close(self.producer))
 
     # -- rebalance listener -----------------------------------------------------------------
 
