@@ -179,7 +179,7 @@ OPTIONS: dict[str, Option] = {
     "retry_initial_ms": Option("100", _positive_int, "first retry delay (ms)"),
     "retry_max_ms": Option("5000", _positive_int, "retry delay cap (ms)"),
     "event_loop": Option(
-        "asyncio", _choice("auto", "asyncio", "uvloop"),
+        "auto", _choice("auto", "asyncio", "uvloop"),
         "event loop of the worker: asyncio, uvloop, or auto (uvloop when installed)",
     ),
     "log_level": Option(
