@@ -32,6 +32,7 @@ from cassandra.cluster import (
 from cassandra.connection import ConnectionException
 from cassandra.policies import DCAwareRoundRobinPolicy, RoundRobinPolicy, TokenAwarePolicy
 from cassandra.protocol import ServerError
+from cassandra.query import tuple_factory
 
 from settler.config import ConfigError, Settings
 
@@ -82,6 +83,9 @@ def make_cluster(settings: Settings, *, request_timeout_s: float | None = None) 
         load_balancing_policy=balancing,
         consistency_level=getattr(ConsistencyLevel, settings.cql_consistency),
         request_timeout=request_timeout_s or settings.cql_request_timeout_s,
+        # Plain tuples: the default named-tuple factory builds a new class per result
+        # set, which showed in the worker's profile; every reader here unpacks by position.
+        row_factory=tuple_factory,
     )
     auth = None
     if settings.cql_username:
