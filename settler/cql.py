@@ -14,6 +14,7 @@ from typing import Any
 
 from cassandra import (
     ConsistencyLevel,
+    InvalidRequest,
     OperationTimedOut,
     ReadFailure,
     ReadTimeout,
@@ -114,7 +115,13 @@ def connect(settings: Settings, *, keyspace: str | None = None) -> tuple[Cluster
     """Blocking connect (run it in a thread from async code)."""
     cluster = make_cluster(settings)
     try:
-        session = cluster.connect(keyspace)
+        session = cluster.connect()
+        if keyspace is not None:
+            # The driver reports a missing keyspace as "no host available", which looks
+            # transient; say what it is instead.
+            if keyspace not in cluster.metadata.keyspaces:
+                raise InvalidRequest(f"keyspace {keyspace!r} does not exist")
+            session.set_keyspace(keyspace)
     except Exception:
         cluster.shutdown()
         raise

@@ -167,9 +167,7 @@ class WriterLease:
             await asyncio.sleep(self.ttl_s / 3 if self.valid else 0.5)
             try:
                 await self.renew()
-            except Exception as exc:
-                if not cql.is_transient(exc):
-                    raise
+            except Exception as exc:  # noqa: BLE001 - any failure: the lease lapses by itself
                 on_error(exc)
 
     @property

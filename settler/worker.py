@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import KafkaError
+from cassandra import InvalidRequest
 
 from settler import cql, kafka, logs, metrics
 from settler.config import ConfigError, Settings
@@ -103,6 +104,11 @@ class Worker:
         except Stopping:
             server.close()
             return 0
+        except InvalidRequest as exc:
+            server.close()
+            log.error("the keyspace or its tables are missing: run `settler schema apply`",
+                      keyspace=self.settings.keyspace, error=str(exc))
+            return 1
         self.health.checks["cql"] = True
         lease = WriterLease(db.session, ttl_s=self.settings.lease_ttl_s)
         code = 0
