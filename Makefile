@@ -40,6 +40,7 @@ unit: venv
 # Lint and type checks, then every test against a freshly started stack, which is
 # stopped afterwards whatever the outcome.
 test: lint
+	@bash deploy/prometheus/ensure-prometheus.sh
 	@$(BIN)/settler dev up
 	@status=0; $(BIN)/pytest -q -rfE --durations=15 $(PYTEST_ARGS) || status=$$?; \
 	  $(BIN)/settler dev down; exit $$status

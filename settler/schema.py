@@ -35,9 +35,10 @@ def apply_schema(settings: Settings) -> list[str]:
     statements = schema_statements(settings)
     cluster, session = cql.connect(settings)
     try:
+        # Each DDL statement returns only once the cluster agrees on the new schema (the
+        # driver waits on its control connection), so no extra wait is needed.
         for statement in statements:
             session.execute(statement, timeout=60)
-        session.wait_for_schema_agreement(wait_time=30)
     finally:
         cluster.shutdown()
     return statements

@@ -38,6 +38,9 @@ log = logs.get("settler.worker")
 
 T = TypeVar("T")
 
+PROBE_CQL = "SELECT release_version FROM system.local"
+LAG_INTERVAL_S = 5.0
+
 # SIGTERM budget (must end well inside the 10 s a supervisor usually grants):
 # drain in-flight batches, commit, then close clients and release the lease.
 DRAIN_TIMEOUT_S = 4.0
@@ -92,6 +95,7 @@ class Worker:
         self.health = metrics.Health()
         self.stopping = asyncio.Event()
         self.backoff = Backoff(settings.retry_initial_ms / 1000, settings.retry_max_ms / 1000)
+        metrics.declare_assets(asset.name for asset in registry.assets_by_id.values())
 
     async def run(self) -> int:
         server = await metrics.serve(
@@ -110,11 +114,15 @@ class Worker:
                       keyspace=self.settings.keyspace, error=str(exc))
             return 1
         self.health.checks["cql"] = True
+        # Readiness follows the database even while idle: without traffic no call would
+        # notice it going away, or coming back.
+        probe = asyncio.ensure_future(self.health.probe("cql", lambda: db.run(PROBE_CQL)))
         lease = WriterLease(db.session, ttl_s=self.settings.lease_ttl_s)
         code = 0
         try:
             code = await self._lead(db, lease)
         finally:
+            probe.cancel()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(lease.release(), CLOSE_TIMEOUT_S)
             metrics.WRITER.set(0)
@@ -236,6 +244,7 @@ class WriterSession(ConsumerRebalanceListener):  # type: ignore[misc]
         helpers = [
             asyncio.create_task(self._commit_loop(), name="commit"),
             asyncio.create_task(self.lease.keep(self.worker._cql_down), name="lease"),
+            asyncio.create_task(self._lag_loop(), name="lag"),
         ]
         try:
             while (end := self._ending()) is None:
@@ -502,6 +511,21 @@ class WriterSession(ConsumerRebalanceListener):  # type: ignore[misc]
             await asyncio.sleep(self.settings.commit_interval_ms / 1000)
             await self._commit(timeout=10.0)
 
+    async def _lag_loop(self) -> None:
+        """Lag against the brokers' end offsets every few seconds, so that it grows while
+        settling is stalled (database down) instead of freezing at the last commit."""
+        while True:
+            await asyncio.sleep(LAG_INTERVAL_S)
+            assigned = list(self.consumer.assignment())
+            committed = self.offsets.last_committed()
+            try:
+                ends = await asyncio.wait_for(self.consumer.end_offsets(assigned), 10)
+            except (KafkaError, TimeoutError):
+                continue
+            for tp, end in ends.items():
+                if tp in committed:
+                    metrics.LAG.labels(tp.topic, tp.partition).set(max(0, end - committed[tp]))
+
     async def _commit(self, timeout: float) -> None:
         positions = self.offsets.commit_ready()
         if not positions:
@@ -510,8 +534,10 @@ class WriterSession(ConsumerRebalanceListener):  # type: ignore[misc]
             await asyncio.wait_for(self.consumer.commit(positions), timeout)
         except (KafkaError, TimeoutError) as exc:
             metrics.retry("kafka_commit")
+            self.worker._health_check("kafka_commit", ok=False)
             log.warning("offset commit failed, will retry", error=repr(exc))
             return
+        self.worker._health_check("kafka_commit", ok=True)
         self.offsets.committed(positions)
         for tp, position in positions.items():
             metrics.COMMITTED.labels(tp.topic, tp.partition).set(position)

@@ -95,8 +95,6 @@ async def destroy(env: TestEnv) -> None:
     await admin.start()
     try:
         await admin.delete_topics([env.topic, env.settings.dlq_topic])
-        with contextlib.suppress(Exception):
-            await admin.delete_consumer_groups([env.settings.group_id])
     finally:
         await admin.close()
     await asyncio.to_thread(drop_keyspace, env.settings)
@@ -189,6 +187,11 @@ class WorkerProcess:
         self.proc.wait(10)
 
     def stop(self, timeout: float = 15) -> int:
+        # Before "worker starting" the SIGTERM handler may not be installed yet.
+        deadline = time.monotonic() + 30
+        while (self.proc.poll() is None and time.monotonic() < deadline
+               and "worker starting" not in self.log_path.read_text(errors="replace")):
+            time.sleep(0.05)
         self.signal(signal.SIGTERM)
         try:
             return self.proc.wait(timeout)
