@@ -20,7 +20,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from settler import cql
+from settler import cql, replay
 from settler.config import Settings, load_settings
 from settler.sample import SampleRecord
 from settler.schema import apply_schema, drop_keyspace
@@ -137,13 +137,7 @@ async def end_offsets(topic: str) -> dict[TopicPartition, int]:
 
 
 async def committed_offsets(group: str) -> dict[TopicPartition, int]:
-    admin = AIOKafkaAdminClient(bootstrap_servers=BOOTSTRAP)
-    await admin.start()
-    try:
-        offsets = await admin.list_consumer_group_offsets(group)
-    finally:
-        await admin.close()
-    return {tp: meta.offset for tp, meta in offsets.items() if meta.offset >= 0}
+    return await replay.committed_offsets(load_settings(environ={}), group)
 
 
 async def wait_caught_up(env: TestEnv, timeout: float, worker: WorkerProcess | None = None
@@ -162,6 +156,18 @@ async def wait_caught_up(env: TestEnv, timeout: float, worker: WorkerProcess | N
             raise AssertionError(f"not caught up after {timeout}s: committed {committed}, "
                                  f"ends {ends}\n{tail}")
         await asyncio.sleep(0.5)
+
+
+async def run_until_caught_up(env: TestEnv, timeout: float, name: str = "worker",
+                              **extra_env: str) -> WorkerProcess:
+    """Start a worker, wait until its group has committed everything, stop it (exit 0)."""
+    worker = WorkerProcess(env, name, **extra_env)
+    try:
+        await wait_caught_up(env, timeout, worker)
+    finally:
+        code = worker.stop()
+    assert code == 0, f"worker exited with {code}:\n{worker.tail()}"
+    return worker
 
 
 class WorkerProcess:
@@ -201,9 +207,24 @@ class WorkerProcess:
         finally:
             self._log.close()
 
+    def logged(self, text: str) -> bool:
+        return text in self.log_path.read_text(errors="replace")
+
     def tail(self, lines: int = 40) -> str:
         self._log.flush()
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+async def wait_for_progress(env: TestEnv, worker: WorkerProcess, timeout: float = 60
+                            ) -> tuple[int, int]:
+    """Until the group has committed something: (records committed, records in the topic)."""
+    ends = sum((await end_offsets(env.topic)).values())
+    deadline = time.monotonic() + timeout
+    while (done := sum((await committed_offsets(env.settings.group_id)).values())) == 0:
+        if worker.proc.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(f"no progress committed:\n{worker.tail()}")
+        await asyncio.sleep(0.05)
+    return done, ends
 
 
 async def wait_for_log(worker: WorkerProcess, text: str, timeout: float) -> None:

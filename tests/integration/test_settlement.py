@@ -55,11 +55,7 @@ async def test_stream_with_duplicates_and_malformed_records_settles_exactly(
 ) -> None:
     records = generate(registry, FULL)
     await harness.produce(env.topic, records)
-    worker = harness.WorkerProcess(env)
-    try:
-        await harness.wait_caught_up(env, CATCH_UP_S, worker)
-    finally:
-        assert worker.stop() == 0
+    await harness.run_until_caught_up(env, CATCH_UP_S)
     assert_settled_exactly(env, registry, records)
     await assert_dead_letters(env, records)
 
@@ -81,11 +77,7 @@ async def test_sigkill_at_random_moments_changes_nothing(
             env.settings.group_id)).values()))
     assert any(0 < done < ends for done in progress_at_kills), (
         f"no kill landed mid-stream: committed {progress_at_kills} of {ends}")
-    worker = harness.WorkerProcess(env, name="final")
-    try:
-        await harness.wait_caught_up(env, CATCH_UP_S, worker)
-    finally:
-        assert worker.stop() == 0
+    await harness.run_until_caught_up(env, CATCH_UP_S, name="final")
     assert_settled_exactly(env, registry, records)
     await assert_dead_letters(env, records)
 
@@ -98,9 +90,9 @@ async def test_service_frozen_for_20s_mid_stream_loses_nothing(
     await harness.produce(env.topic, records)
     worker = harness.WorkerProcess(env)
     try:
-        await harness.wait_for_log(worker, "partitions assigned", timeout=60)
-        await asyncio.sleep(1.5)
+        done, ends = await harness.wait_for_progress(env, worker)
         devstack.pause(service)
+        assert done < ends, "the stream was settled before the fault"
         try:
             await asyncio.sleep(20)
             assert worker.proc.poll() is None, f"the worker exited while {service} was down"
@@ -120,21 +112,12 @@ async def test_replay_from_offset_zero_changes_no_balance(
 ) -> None:
     records = generate(registry, FULL)
     await harness.produce(env.topic, records)
-    worker = harness.WorkerProcess(env)
-    try:
-        await harness.wait_caught_up(env, CATCH_UP_S, worker)
-    finally:
-        assert worker.stop() == 0
+    await harness.run_until_caught_up(env, CATCH_UP_S)
     before = harness.balances(env.settings)
     # A fresh consumer group reads the whole topic again from offset 0.
-    replay = harness.WorkerProcess(env, name="replay",
-                                   SETTLER_GROUP_ID=env.settings.group_id + "-r")
-    env_replay = harness.TestEnv(env.suffix, env.settings.replace(
+    fresh_group = harness.TestEnv(env.suffix, env.settings.replace(
         group_id=env.settings.group_id + "-r"), env.log_dir)
-    try:
-        await harness.wait_caught_up(env_replay, CATCH_UP_S, replay)
-    finally:
-        assert replay.stop() == 0
+    await harness.run_until_caught_up(fresh_group, CATCH_UP_S, name="replay")
     assert harness.balances(env.settings) == before
     assert_settled_exactly(env, registry, records)
 
@@ -146,12 +129,15 @@ async def test_two_workers_started_at_once_keep_balances_exact(
     await harness.produce(env.topic, records)
     first, second = harness.WorkerProcess(env, "a"), harness.WorkerProcess(env, "b")
     try:
-        await asyncio.sleep(6)
-        # Rolling deploy: the active one stops, the standby takes over and finishes.
-        active = first if '"writer lease taken"' in first.tail(400) else second
+        # Rolling deploy: the active one stops mid-stream, the standby takes over.
+        done, ends = await harness.wait_for_progress(env, first)
+        active, standby = (first, second) if first.logged("writer lease taken") else (
+            second, first)
+        assert not standby.logged("writer lease taken"), "both workers were writers"
         assert active.stop() == 0
-        other = second if active is first else first
-        await harness.wait_caught_up(env, CATCH_UP_S, other)
+        assert done < ends, "the stream was settled before the active worker stopped"
+        await harness.wait_caught_up(env, CATCH_UP_S, standby)
+        assert standby.logged("writer lease taken"), "the standby never took over"
     finally:
         for worker in (first, second):
             if worker.proc.poll() is None:
@@ -165,15 +151,12 @@ async def test_sigterm_while_busy_exits_0_within_10s_and_restart_continues(
     records = generate(registry, FULL)
     await harness.produce(env.topic, records)
     worker = harness.WorkerProcess(env)
-    await asyncio.sleep(5)
+    done, ends = await harness.wait_for_progress(env, worker)
     loop = asyncio.get_running_loop()
     started = loop.time()
     worker.signal(signal.SIGTERM)
+    assert done < ends, "the stream was settled before SIGTERM"
     code = await asyncio.to_thread(worker.proc.wait, 10)
     assert code == 0 and loop.time() - started < 10
-    again = harness.WorkerProcess(env, name="again")
-    try:
-        await harness.wait_caught_up(env, CATCH_UP_S, again)
-    finally:
-        assert again.stop() == 0
+    await harness.run_until_caught_up(env, CATCH_UP_S, name="again")
     assert_settled_exactly(env, registry, records)
