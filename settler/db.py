@@ -31,6 +31,10 @@ def id_bucket(event_id: int) -> int:
     return event_id >> ID_BUCKET_BITS
 
 
+def _claim_kind(is_trade: bool) -> str:
+    return "trade" if is_trade else "balance"
+
+
 @dataclass(frozen=True, slots=True)
 class UserBalance:
     """One row of user_balances, in raw units of its asset."""
@@ -69,13 +73,13 @@ _CQL: Final = {
         "INSERT INTO {ks}.balance_events (bucket, event_id, kind, user_id, asset_id, amount, ts,"
         " digest, source) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ?"
     ),
-    "settled_trades": (
-        "SELECT trade_id, digest, source FROM {ks}.trades"
-        " WHERE bucket = ? AND trade_id >= ? AND trade_id <= ?"
+    "claims": (
+        "SELECT event_id, digest, source FROM {ks}.id_claims"
+        " WHERE kind = ? AND bucket = ? AND event_id >= ? AND event_id <= ?"
     ),
-    "settled_balance_events": (
-        "SELECT event_id, digest, source FROM {ks}.balance_events"
-        " WHERE bucket = ? AND event_id >= ? AND event_id <= ?"
+    "write_claim": (
+        "INSERT INTO {ks}.id_claims (kind, bucket, event_id, digest, source)"
+        " VALUES (?, ?, ?, ?, ?) USING TIMESTAMP ?"
     ),
 }
 
@@ -139,10 +143,24 @@ class SettlementDb:
 
     async def settled(self, is_trade: bool, bucket: int, low: int, high: int
                       ) -> list[SettledRecord]:
-        """Settled ids between low and high (inclusive) inside one id bucket."""
-        name = "settled_trades" if is_trade else "settled_balance_events"
-        rows = await self.run(self._prepared[name], (bucket, low, high))
+        """Claimed ids between low and high (inclusive) inside one id bucket."""
+        rows = await self.run(self._prepared["claims"], (_claim_kind(is_trade), bucket, low, high))
         return [SettledRecord(event_id, digest, source) for event_id, digest, source in rows]
+
+    def claims_batch(self, writes: Sequence[Write], *, timestamp: int) -> BatchStatement | None:
+        """The id claims of the events that are new (not a re-read of their own position),
+        as one UNLOGGED batch: each claim is idempotent and they share one or two partitions."""
+        new = [write for write in writes if write.claim]
+        if not new:
+            return None
+        batch = BatchStatement(BatchType.UNLOGGED)
+        statement = self._prepared["write_claim"]
+        for write in new:
+            is_trade = isinstance(write.event, Trade)
+            event_id = write.event.event_id
+            batch.add(statement, (_claim_kind(is_trade), id_bucket(event_id), event_id,
+                                  write.digest, str(write.position), timestamp))
+        return batch
 
     # -- the write path --------------------------------------------------------------------
 

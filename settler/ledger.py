@@ -106,6 +106,7 @@ class Write:
     cost: int
     negative_rows: tuple[RowKey, ...]
     users: frozenset[int]
+    claim: bool  # first sight of this id: its claim must be durable before the batch
 
     @property
     def outcome(self) -> Outcome:
@@ -214,6 +215,7 @@ class Ledger:
                 (row.user_id, row.asset_id) for row in rows if row.balance.is_negative
             ),
             users=users,
+            claim=prior is None,
         )
 
     def _new_rows(self, effect: Effect, position: Position) -> list[RowWrite]:
@@ -231,8 +233,8 @@ class Ledger:
 
     def _put(self, row: RowWrite) -> None:
         user = self._users[row.user_id]
-        if row.asset_id not in user.rows:
-            self._rows += 1
+        if row.asset_id not in user.rows and user.rows:
+            self._rows += 1  # a user without rows was already counted as one
         user.rows[row.asset_id] = StoredRow(row.balance, row.applied)
         self._users.move_to_end(row.user_id)
 

@@ -173,8 +173,6 @@ class Worker:
         transient errors; raises Stopping when the worker is asked to stop."""
         delays = iter(self.backoff.delays())
         while True:
-            if self.stopping.is_set():
-                raise Stopping
             try:
                 result = await attempt()
             except Exception as exc:
@@ -186,6 +184,8 @@ class Worker:
             else:
                 self._health_check(what, ok=True)
                 return result
+            if self.stopping.is_set():
+                raise Stopping  # a drain finishes what succeeds at once, abandons the rest
             await self.sleep(next(delays))
 
     def _health_check(self, what: str, *, ok: bool) -> None:
@@ -215,6 +215,7 @@ class WriterSession(ConsumerRebalanceListener):  # type: ignore[misc]
         self.offsets: Offsets[TopicPartition] = Offsets()
         self.slots = asyncio.Semaphore(self.settings.max_in_flight)
         self.tasks: set[asyncio.Task[None]] = set()
+        self._claims_tail: asyncio.Future[None] | None = None  # claims durable up to here
         self.fatal: BaseException | None = None
         self.consumer: AIOKafkaConsumer = kafka.consumer(self.settings)
         self.producer: AIOKafkaProducer = kafka.producer(self.settings)
@@ -410,18 +411,21 @@ class WriterSession(ConsumerRebalanceListener):  # type: ignore[misc]
     async def _issue(self, group: list[tuple[Item, Write]]) -> None:
         """Send consecutive planned events as ONE LOGGED batch (coalescing their hot rows:
         each trade stays inside one atomic batch, a row shared by several is written
-        once with its final value)."""
+        once with its final value), after the claims of their ids."""
         await self._slot()
         try:
             timestamp = await self._timestamp()
         except BaseException:
             self.slots.release()
             raise
+        writes = [write for _, write in group]
+        claims = self.db.claims_batch(writes, timestamp=timestamp)
         batch = self.db.settlement_batch(
-            [write for _, write in group], fee_account=self.worker.registry.fee_account,
-            timestamp=timestamp,
+            writes, fee_account=self.worker.registry.fee_account, timestamp=timestamp,
         )
-        self._spawn(self._land(group, batch))
+        claimed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        after, self._claims_tail = self._claims_tail, claimed
+        self._spawn(self._land(group, claims, batch, after, claimed))
 
     def _spawn(self, work: Awaitable[None]) -> None:
         task = asyncio.ensure_future(work)
@@ -434,18 +438,29 @@ class WriterSession(ConsumerRebalanceListener):  # type: ignore[misc]
         self.slots.release()
         metrics.IN_FLIGHT.set(len(self.tasks))
 
-    async def _land(self, group: list[tuple[Item, Write]], batch: Any) -> None:
-        """Execute the batch until it is durable. A retry re-sends identical cells with the
-        same timestamp, so it can neither double-apply nor undo a later batch."""
+    async def _land(self, group: list[tuple[Item, Write]], claims: Any, batch: Any,
+                    after: asyncio.Future[None] | None, claimed: asyncio.Future[None]) -> None:
+        """Make the group's id claims durable, wait until every earlier group's claims are
+        too, then execute the batch until it is durable.
+
+        The order is what makes the duplicate check sound: a balance row can only carry
+        an event's effect (even through a later batch that coalesced it) once that
+        event's claim is visible. A retry re-sends identical cells with the same
+        timestamp, so it can neither double-apply nor undo a later batch."""
         started = time.perf_counter()
 
-        async def attempt() -> None:
+        async def attempt(statement: Any) -> None:
             if self.lease.lost.is_set():
                 raise Stopping  # the new writer re-reads these events from the committed offset
-            await self.db.run(batch)
+            await self.db.run(statement)
 
         try:
-            await self.worker._retry("cql_write", attempt)
+            if claims is not None:
+                await self.worker._retry("cql_write", lambda: attempt(claims))
+            if after is not None:
+                await after
+            claimed.set_result(None)
+            await self.worker._retry("cql_write", lambda: attempt(batch))
         except Stopping:
             return
         except Exception as exc:  # noqa: BLE001 - not transient: a bug, the session must end
@@ -453,6 +468,9 @@ class WriterSession(ConsumerRebalanceListener):  # type: ignore[misc]
             metrics.error("cql_write")
             log.error("settlement batch rejected", error=repr(exc), **_where(group[0][0]))
             return
+        finally:
+            if not claimed.done():
+                claimed.cancel()  # later groups must not go ahead of a missing claim
         now = time.time()
         metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
         for item, write in group:
