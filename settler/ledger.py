@@ -3,7 +3,7 @@
 `Ledger.plan(event, position)` turns a decoded event at a Kafka position into a `Plan`:
 skip it (duplicate), reject it (dead letter), or write these absolute rows plus the
 event's record in one batch. The worker loads what planning needs first (balance rows of
-the users involved, settled records of ids it does not remember) and tells the ledger
+the users involved, claims of ids it does not remember) and tells the ledger
 when a batch is durable, so nothing it still needs is evicted.
 
 Why this is exactly once (ARCHITECTURE.md has the long form): every balance row carries,
@@ -54,7 +54,7 @@ class StoredRow:
 
 @dataclass(frozen=True, slots=True)
 class SettledRecord:
-    """What the trades / balance_events tables know about one settled id."""
+    """What id_claims knows about one id: the position that owns it and its digest."""
 
     event_id: int
     digest: bytes
