@@ -39,6 +39,13 @@ def _positive_int(value: str) -> int:
     return number
 
 
+def _non_negative_int(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise ValueError(f"expected an integer >= 0, got {value!r}")
+    return number
+
+
 def _port(value: str) -> int:
     number = int(value)
     if not 0 <= number <= 65535:
@@ -176,6 +183,12 @@ OPTIONS: dict[str, Option] = {
         "500000", _positive_int, "settled event ids remembered for duplicate checks"
     ),
     "lease_ttl_s": Option("10", _positive_int, "single-writer lease lifetime (s)"),
+    "takeover_wait_s": Option(
+        "15", _non_negative_int,
+        "after taking over from a writer that died, wait this long before reading balances:"
+        " its batches still in the batchlog land by then (Cassandra replays them after"
+        " 2 x write_request_timeout, checked every 10 s)",
+    ),
     "retry_initial_ms": Option("100", _positive_int, "first retry delay (ms)"),
     "retry_max_ms": Option("5000", _positive_int, "retry delay cap (ms)"),
     "event_loop": Option(
@@ -227,6 +240,7 @@ class Settings:
     balance_cache_rows: int
     recent_ids: int
     lease_ttl_s: int
+    takeover_wait_s: int
     retry_initial_ms: int
     retry_max_ms: int
     event_loop: str

@@ -79,6 +79,7 @@ class WriterLease:
         self._ceiling = 0
         self._last_ts = 0
         self._valid_until = 0.0  # monotonic deadline of our own right to write
+        self.took_over_expired = False  # the previous holder died instead of releasing
         self._lost = asyncio.Event()
         self._statements: dict[str, PreparedStatement] = {}
         for key, text in _CQL.items():
@@ -119,6 +120,7 @@ class WriterLease:
         if not result:
             return await self.read() or Holder(None, 0, 0, 0)
         self.epoch, self._ceiling, self._last_ts = epoch, ceiling, floor - 1
+        self.took_over_expired = holder is not None and holder.owner is not None
         self._valid_until = started + self.ttl_s * 0.8
         self._lost.clear()
         return None

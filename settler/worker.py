@@ -151,6 +151,14 @@ class Worker:
                 break
             acquiring.result()
             log.info("writer lease taken", owner=lease.owner, epoch=lease.epoch)
+            if lease.took_over_expired and self.settings.takeover_wait_s:
+                # A writer that died may have batches in the batchlog that land later. Reading
+                # rows before they do, then writing newer cells, could undo them.
+                log.info("previous writer died; waiting for its batches to settle",
+                         seconds=self.settings.takeover_wait_s)
+                await self.sleep(self.settings.takeover_wait_s)
+                if self.stopping.is_set():
+                    break
             self.health.role = "writer"
             metrics.WRITER.set(1)
             end = await WriterSession(self, db, lease).run()

@@ -59,6 +59,9 @@ class TestEnv:
             "SETTLER_METRICS_PORT": str(free_port()),
             "SETTLER_LOG_FORMAT": "json",
             "SETTLER_LEASE_TTL_S": "4",
+            # A worker SIGKILLed by a test leaves no batch in a batchlog (the node does not
+            # fail), so takeovers need not wait for one.
+            "SETTLER_TAKEOVER_WAIT_S": "1",
             "SETTLER_CQL_REQUEST_TIMEOUT_S": "5",
         })
         env.update(extra)
