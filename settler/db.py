@@ -147,15 +147,13 @@ class SettlementDb:
         rows = await self.run(self._prepared["claims"], (_claim_kind(is_trade), bucket, low, high))
         return [SettledRecord(event_id, digest, source) for event_id, digest, source in rows]
 
-    def claims_batch(self, writes: Sequence[Write], *, timestamp: int) -> BatchStatement | None:
-        """The id claims of the events that are new (not a re-read of their own position),
-        as one UNLOGGED batch: each claim is idempotent and they share one or two partitions."""
-        new = [write for write in writes if write.claim]
-        if not new:
-            return None
+    def claims_batch(self, writes: Sequence[Write], *, timestamp: int) -> BatchStatement:
+        """The id claims of these events as one UNLOGGED batch (each claim is idempotent and
+        they share one or two partitions). Re-written on every write of an event, so a
+        late-landing older claim can never win over the latest writer's."""
         batch = BatchStatement(BatchType.UNLOGGED)
         statement = self._prepared["write_claim"]
-        for write in new:
+        for write in writes:
             is_trade = isinstance(write.event, Trade)
             event_id = write.event.event_id
             batch.add(statement, (_claim_kind(is_trade), id_bucket(event_id), event_id,

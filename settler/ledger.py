@@ -106,11 +106,11 @@ class Write:
     cost: int
     negative_rows: tuple[RowKey, ...]
     users: frozenset[int]
-    claim: bool  # first sight of this id: its claim must be durable before the batch
 
     @property
     def outcome(self) -> Outcome:
-        return Outcome.SETTLED
+        # No row to change: the effect was already there; only the record is rewritten.
+        return Outcome.SETTLED if self.rows else Outcome.DUPLICATE
 
 
 Plan = Skip | Reject | Write
@@ -127,6 +127,7 @@ class _Seen:
     digest: bytes
     source: str
     pins: int = 0
+    recorded: bool = False  # this session made its record durable
 
 
 @dataclass
@@ -193,8 +194,11 @@ class Ledger:
             rows = self._new_rows(effect, position)
         except AmountError as exc:
             return Reject(exc.reason, exc.detail)
-        if not rows and prior is not None:
-            return Skip(Outcome.DUPLICATE)  # a replay of this very record: all rows have it
+        if not rows and prior is not None and prior.recorded:
+            return Skip(Outcome.DUPLICATE)  # a re-read of a record this session settled
+        # Otherwise write, even with no row left to change: a crashed writer's later batch
+        # may have carried this event's effect while the batch with its record was lost,
+        # so the record (and claim) are written again; a replay from old offsets pays that.
         # Commit the new values to memory only now that every row computed cleanly.
         users = frozenset(row.user_id for row in rows)
         for row in rows:
@@ -215,7 +219,6 @@ class Ledger:
                 (row.user_id, row.asset_id) for row in rows if row.balance.is_negative
             ),
             users=users,
-            claim=prior is None,
         )
 
     def _new_rows(self, effect: Effect, position: Position) -> list[RowWrite]:
@@ -243,7 +246,9 @@ class Ledger:
         for user in write.users:
             self._users[user].pins -= 1
         is_trade, event_id = _id_of(write.event)
-        self._seen[is_trade][event_id].pins -= 1
+        seen = self._seen[is_trade][event_id]
+        seen.pins -= 1
+        seen.recorded = True
 
     # -- bounds ----------------------------------------------------------------------------
 

@@ -463,8 +463,7 @@ class WriterSession(ConsumerRebalanceListener):  # type: ignore[misc]
             await self.db.run(statement)
 
         try:
-            if claims is not None:
-                await self.worker._retry("cql_write", lambda: attempt(claims))
+            await self.worker._retry("cql_write", lambda: attempt(claims))
             if after is not None:
                 await after
             claimed.set_result(None)

@@ -27,9 +27,11 @@ first. `takeover_wait=False` lets them land at random later moments instead, und
 writers, whose timestamps are all higher: harmless for one crashed writer, a lost event for
 two in a row (a strict xfail shows why the wait exists).
 
-Found (strict xfail, RECORD_BUG): under crashes an event can be settled in the balances but
-never recorded in trades / balance_events. LATE_CLAIMS (strict xfail) shows what the model
-assumes of claims a dead writer sent: that they too land before the next writer reads.
+Found and fixed with it: a cross-partition copy applied twice after a crash (ids are now
+claimed before their effect can exist); an event settled in the balances but never recorded
+when the batch holding its record was lost under a later one (a re-read at its own position
+re-writes the record); late claims of two crashed writers handing an id to a copy (claims are
+re-written on every write). Their reproductions below now pass.
 
 More examples than the default: SETTLER_SIM_EXAMPLES=1500 pytest tests/unit/test_simulation.py
 """
@@ -264,7 +266,7 @@ class Session:
         writes = [write for _, write in group]
         timestamp = self.sim.timestamp()
         claims = claim_mutations(writes, timestamp=timestamp)
-        assert len(claims) == sum(write.claim for write in writes)
+        assert len(claims) == len(writes)
         mutations = batch_mutations(writes, fee_account=REGISTRY.fee_account,
                                     timestamp=timestamp)
         self.batches.append(Batch(group, claims, mutations))
@@ -513,7 +515,7 @@ def check_records(db: SimDb, stream: Stream, *, every_record: bool = True) -> No
     """Each valid id is claimed once, with its content's digest and a position holding it;
     no other id is. Each valid id is recorded (trades / balance_events) once, with the
     digest and the position of its claim (the position that settled it owns it); no other
-    id is. `every_record=False`: a record may be missing (RECORD_BUG), never wrong."""
+    id is. `every_record=False`: a record may be missing, never wrong."""
     valid: dict[tuple[bool, int], tuple[bytes, set[str]]] = {}
     for position, record in stream.positions():
         if record.expect is None:
@@ -661,19 +663,8 @@ def scenarios(*, crashes: st.SearchStrategy[int] = NONE,
     )
 
 
-RECORD_BUG = (
-    "BUG (settler/ledger.py Ledger.plan, since claims replaced records as the duplicate "
-    "check): a crash loses a group's LOGGED batch (its events' records with it) while a "
-    "later pipelined group's batch, which carries those events' effects on shared rows, is "
-    "applied. The next writer re-reads such an event at its own position: its claim exists "
-    "and every row it touches already includes it, so the plan is Skip (`not rows and prior "
-    "is not None`) and its trades / balance_events record is never written (settler verify, "
-    "which sums the records, then disagrees with the balances). Balances stay exactly-once"
-)
-# The crash properties check everything but that (a missing record, never a wrong one); the
-# strict xfails below check it. Once RECORD_BUG is fixed they XPASS, failing: then set this
-# to True and drop them.
-EVERY_RECORD_UNDER_CRASHES = False
+# Every valid id must have its record, crashes or not.
+EVERY_RECORD_UNDER_CRASHES = True
 
 
 SIMULATION = settings(
@@ -754,7 +745,6 @@ def test_without_the_takeover_wait_one_crashed_writers_late_batches_are_harmless
     check_dead_letters(sim)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=RECORD_BUG)
 @settings(SIMULATION, phases=[Phase.explicit, Phase.generate])  # fails fast: no shrinking
 @given(scenarios(crashes=st.integers(1, 5)))
 @example(Scenario(events=68, users=3, duplicate_rate=0.0, stream_seed=0, schedule=0, crashes=1,
@@ -876,7 +866,6 @@ def test_lost_batch_under_a_pipelined_one_then_copy_in_another_partition_applies
     assert _row(db) == (8, 0, 2), "D7 (5) applied twice"
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=RECORD_BUG)
 def test_lost_batch_under_a_pipelined_one_leaves_no_event_unrecorded() -> None:
     db = SimDb()
     # Writer 1 plans D7 (partition 1, offset 0) and D8 (offset 1) into two pipelined
@@ -929,7 +918,9 @@ def _two_crashed_writers(*, takeover_wait: bool) -> SimDb:
     second = Writer(db)
     late_2 = second.batch(second.plan(D7, 0, 0), timestamp=3)
     if takeover_wait:
-        assert not late_2, "writer 2 found D7 in the row"
+        # Writer 2 found D7 in the row: it only re-records it (its record was in the lost batch).
+        assert late_2 and all(m.table != "user_balances" for m in late_2), "D7 applied twice"
+        db.apply(late_2)
         return db
     assert late_1 and late_2
     # Without the wait: the batchlog applies writer 1's batch (row 8, both deposits) ...
@@ -965,19 +956,6 @@ def test_late_batches_of_two_crashed_writers_lose_no_event_without_the_takeover_
     assert _row(_two_crashed_writers(takeover_wait=False)) == (8, 0, 2), "D8 (3) lost"
 
 
-LATE_CLAIMS = (
-    "outside the simulated model (ARCHITECTURE.md point 4 and 'Two crashed writers in a "
-    "row' assume that nothing a dead writer sent lands after the next writer reads): claims "
-    "are UNLOGGED, not in the batchlog the takeover wait is sized for. If the claims of two "
-    "successive crashed writers land late (e.g. hinted handoff), the first one's makes the "
-    "third writer settle the original without rewriting its claim (Write.claim is False), "
-    "then the second one's (newer timestamp) hands the id to the copy's position, and a "
-    "replay applies the copy a second time. Writing the claim on every Write (not only at "
-    "first sight) would make the third writer's claim the newest"
-)
-
-
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=LATE_CLAIMS)
 def test_late_claims_of_two_crashed_writers_after_the_takeover_wait_apply_once() -> None:
     db = SimDb()
     # Writer 1 plans D7 at 1:0 and dies with its claim in flight; it lands late, so its
