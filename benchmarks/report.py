@@ -1,0 +1,485 @@
+"""BENCHMARKS.md sections, PNG plots and raw JSON of the benchmarks run here.
+
+Each section sits between marker comments (`<!-- settle:start -->` ... `<!-- settle:end -->`)
+so a re-run replaces only its own sections; other sections of the file (e.g. "Balance
+reads", written by benchmarks/read_balances.py) are left as they are. The "Optimizations"
+table is written once and then left to be filled in by hand.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import textwrap
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+from benchmarks.memory import MemoryResult
+from benchmarks.settle import Inputs, Latency, Phases, Throughput
+from benchmarks.stack import RESULTS, ROOT
+
+BENCHMARKS_MD = ROOT / "BENCHMARKS.md"
+SETTLE_PNG = ROOT / "benchmarks" / "settle_throughput.png"
+MEMORY_PNG = ROOT / "benchmarks" / "memory.png"
+# Our sections, in the order they take in the file (before anyone else's).
+ORDER = ("machine", "settle", "replay", "memory", "optimizations")
+
+
+# -- the file ------------------------------------------------------------------------------
+
+
+def _markers(name: str) -> tuple[str, str]:
+    return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+
+
+def replace_block(document: str, name: str, body: str, *, keep_existing: bool = False) -> str:
+    """`document` with the block `name` replaced by `body` (inserted after our preceding
+    block, or before the first `## ` section of anyone else when none of ours exists)."""
+    start, end = _markers(name)
+    block = f"{start}\n{body.strip()}\n{end}"
+    if start in document and end in document:
+        if keep_existing:
+            return document
+        head, rest = document.split(start, 1)
+        return head + block + rest.split(end, 1)[1]
+    if not document.strip():
+        document = "# Benchmarks\n"
+    for previous in reversed(ORDER[: ORDER.index(name)]):
+        previous_end = _markers(previous)[1]
+        if previous_end in document:
+            head, tail = document.split(previous_end, 1)
+            return f"{head}{previous_end}\n\n{block}{tail}"
+    for following in ORDER[ORDER.index(name) + 1:]:
+        following_start = _markers(following)[0]
+        if following_start in document:
+            head, tail = document.split(following_start, 1)
+            return f"{head}{block}\n\n{following_start}{tail}"
+    heading = document.find("\n## ")
+    if heading < 0:
+        return document.rstrip("\n") + f"\n\n{block}\n"
+    return f"{document[:heading + 1]}{block}\n\n{document[heading + 1:]}"
+
+
+def reflow(markdown: str, width: int = 96) -> str:
+    """Re-wrap paragraphs and bullet items (text filled in from numbers comes out ragged);
+    tables, headings, images and comments stay as they are."""
+    blocks = []
+    for block in re.split(r"\n\s*\n", markdown.strip()):
+        if block.lstrip().startswith(("|", "#", "![", "<!--", "    ")):
+            blocks.append(block)
+            continue
+        items = re.split(r"\n(?=- )", block)
+        blocks.append("\n".join(
+            textwrap.fill(" ".join(item.split()), width, break_long_words=False,
+                          break_on_hyphens=False,
+                          subsequent_indent="  " if item.startswith("- ") else "")
+            for item in items))
+    return "\n\n".join(blocks) + "\n"
+
+
+def write_sections(sections: dict[str, str]) -> None:
+    text = BENCHMARKS_MD.read_text() if BENCHMARKS_MD.exists() else ""
+    for name in ORDER:
+        if name in sections:
+            text = replace_block(text, name, reflow(sections[name]))
+    text = replace_block(text, "optimizations", OPTIMIZATIONS, keep_existing=True)
+    BENCHMARKS_MD.write_text(text.rstrip("\n") + "\n")
+
+
+def save_json(part: str, data: dict[str, Any]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    text = json.dumps(data, indent=2, default=_jsonable)
+    (RESULTS / f"{part}-{stamp}.json").write_text(text)
+    latest = RESULTS / f"{part}.json"
+    latest.write_text(text)
+    return latest
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "as_json"):
+        return value.as_json()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[str]], left: int = 1) -> str:
+    """A markdown table; the first `left` columns left-aligned, the rest right-aligned."""
+    lines = ["| " + " | ".join(header) + " |",
+             "|" + "".join("---|" if i < left else "---:|" for i in range(len(header)))]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+# -- numbers -------------------------------------------------------------------------------
+
+
+def n(value: float) -> str:
+    return f"{value:,.0f}"
+
+
+def pct(value: float) -> str:
+    return f"{value:.0f}%"
+
+
+def ms(seconds: float) -> str:
+    if math.isnan(seconds):
+        return "n/a"
+    if math.isinf(seconds):
+        return "> last bucket"
+    return f"{1000 * seconds:,.1f} ms"
+
+
+def ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if b else "n/a"
+
+
+# -- sections ------------------------------------------------------------------------------
+
+
+def machine_section(info: dict[str, Any]) -> str:
+    return f"""## Machine
+
+The sections "Settlement throughput", "Replay" and "Memory" come from `python -m benchmarks`
+(each names the exact command, date and worker revision it was measured with) on:
+
+- {info["nproc"]} CPUs (nproc), {info["cpu_model"]}, {info["ram_gib"]} GiB RAM, Linux
+  {info["kernel"]}, Python {info["python"]}, no Docker.
+- Kafka {info["kafka"]} (KRaft, one broker) and Cassandra {info["cassandra"]} (one node, RF=1)
+  of `settler dev up`, on the same machine over loopback: the worker, both JVMs and the
+  benchmark harness share the {info["nproc"]} cores, so CPU is the scarce resource everywhere.
+- The machine is shared with other work (tests, experiments); every table has a "CPU other"
+  column (busy time of the machine not used by the measured process, the JVMs or the
+  harness) to show how much of it ran alongside.
+"""
+
+
+def _cpu_cells(run: Throughput) -> list[str]:
+    return [pct(run.cpu[key]) for key in ("settler", "cassandra", "kafka", "other")]
+
+
+def settle_section(inputs: Inputs, worker: Phases, ceiling: Phases, naive: Phases,
+                   latency: Latency | None, provenance: str) -> str:
+    stream = inputs.stream
+    w, c, nv = worker.trades, ceiling.trades, naive.trades
+    in_flight = c.notes["in_flight"]
+    plan_us = c.notes["plan_us_per_event"]
+    rows = [
+        ["worker: `settler run`, defaults, end to end", n(w.trades), f"{w.wall_s:.1f}",
+         f"**{n(w.trades_per_s)}**", n(worker.funding.events_per_s), n(worker.events_per_s),
+         f"{w.startup_s:.1f}", *_cpu_cells(w)],
+        [f"ceiling: same batches, driver `execute_concurrent`, {in_flight} in flight",
+         n(c.trades), f"{c.wall_s:.1f}", f"**{n(c.trades_per_s)}**",
+         n(ceiling.funding.events_per_s), n(ceiling.events_per_s), "-", *_cpu_cells(c)],
+        ["naive loop: one record, one batch, one commit (subset)", n(nv.trades),
+         f"{nv.wall_s:.1f}", f"**{n(nv.trades_per_s)}**", n(naive.funding.events_per_s),
+         n(naive.events_per_s), "-", *_cpu_cells(nv)],
+    ]
+    runs_table = table(["run", "trades", "wall (s)", "trades/s", "funding events/s",
+                        "events/s, whole stream", "start-up (s)", "CPU settling process",
+                        "CPU Cassandra", "CPU Kafka", "CPU other processes"], rows)
+    outcomes = w.notes["outcomes"]
+    text = f"""## Settlement throughput
+
+**Stream**: {stream.description}. Deposits and freezes are on a topic of their own and are
+settled first, by a worker run of their own (column "funding events/s"); then a fresh
+worker process, same group and keyspace, settles the trades topic ({n(stream.trades)}
+records, 3 partitions, keyed by symbol): that is the timed trade phase. Kept apart because
+across partitions a trade can otherwise be read before the freeze that funds it, and every
+such row would be counted and logged as a balance anomaly, which is not the workload.
+
+{runs_table}
+
+CPU is percent of one core over the timed span (utime+stime from `/proc/PID/stat`; the
+settling process is the worker subprocess, or this harness for the ceiling and the naive
+loop; "other" is the rest of the machine's busy time from `/proc/stat`).
+
+- **worker / ceiling = {ratio(w.trades_per_s, c.trades_per_s)}**, **worker / naive =
+  {ratio(w.trades_per_s, nv.trades_per_s)}** (trades/s of the trade phase).
+- Worker: wall time runs from process start until the group's committed offsets reach the
+  end of every partition (polled every 0.1 s; commits every 500 ms), start-up included;
+  start-up alone (process start until `/readyz` answers 200: imports, CQL connect, lease,
+  group join) was {w.startup_s:.1f} s, so {n(w.steady_events_per_s)} trades/s after it.
+  Outcomes: {n(outcomes["settled"])} settled, {n(w.notes["anomalies"])} balance anomalies,
+  {n(w.notes["retries"])} retries; batch latency p50 {ms(w.notes["batch_p50_s"])}, p99
+  {ms(w.notes["batch_p99_s"])} (`settler_batch_seconds`; a backlog keeps the pipeline full).
+- Ceiling: every record decoded and planned with `Ledger.plan` (all users pre-added as
+  empty) and built with `SettlementDb.settlement_batch` before timing (that build costs
+  {plan_us:.0f} µs per event on one core: a bound of {n(1e6 / plan_us)} events/s for
+  planning alone), then only `execute_concurrent` with {in_flight} batches outstanding is
+  timed: no Kafka, no decoding, no asyncio. 512 and 1024 in flight gave the same rate in a
+  trial run.
+- Naive loop: aiokafka consumer, per record `decode` -> load unseen users -> duplicate
+  check of its id -> `Ledger.plan` -> await its one batch -> commit its one offset. Slow, so
+  it runs on a smaller stream of the same shape: {n(naive.funding.events)} funding events
+  and {n(nv.trades)} trades.
+{_observations(worker, ceiling)}
+"""
+    if latency is not None:
+        text += latency_section(latency, w)
+    text += f"""
+![settlement throughput](benchmarks/{SETTLE_PNG.name})
+
+{provenance} Raw numbers in `benchmarks/results/settle.json`, worker logs in
+`benchmarks/results/logs/`.
+"""
+    return text
+
+
+def _observations(worker: Phases, ceiling: Phases) -> str:
+    """What the CPU split says, in words (fixed thresholds, not judgement calls)."""
+    w, c = worker.trades, ceiling.trades
+    cores = os.cpu_count() or 1
+    busy = w.cpu["machine"] / cores
+    own, db = w.cpu["settler"], w.cpu["cassandra"]
+    if own >= 85:
+        first = (f"the worker process ran at {pct(own)} of one core for the whole trade "
+                 "phase: it is CPU-bound in Python (one interpreter, the driver's I/O thread "
+                 f"included, shares one GIL), while Cassandra used {pct(db)}")
+    elif busy >= 85:
+        first = (f"the machine's {cores} cores were {pct(busy)} busy during the trade phase: "
+                 f"the worker ({pct(own)} of a core) and Cassandra ({pct(db)}) compete for "
+                 "them, so the stack as a whole is CPU-bound, though neither process alone is")
+    else:
+        first = (f"the worker process used {pct(own)} of one core and Cassandra {pct(db)}, "
+                 f"the machine {pct(busy)} of its {cores} cores: none saturates, so the "
+                 "pipeline waits on round trips (in-flight depth) part of the time")
+    lines = [f"Bottleneck: {first}."]
+    early, late = quarter_rates(w)
+    if early and late:
+        trend = " (the worker slows down as the run goes on)" if late < 0.85 * early else ""
+        lines.append(f"Pace within the trade phase, from committed offsets: {n(early)} trades/s "
+                     f"in its first quarter after start-up, {n(late)} in its last{trend}.")
+    if c.cpu["settler"] >= 75:
+        lines.append(f"The ceiling is the Python driver's own limit as much as Cassandra's: "
+                     f"its process ran at {pct(c.cpu['settler'])} of a core (statement "
+                     f"encoding and callbacks) with Cassandra at {pct(c.cpu['cassandra'])}.")
+    for run in (w, c):
+        if run.cpu["other"] >= 15:
+            names = "; ".join(f"`{cmd}` {pct(used)}"
+                              for cmd, used in run.notes.get("other_processes", []))
+            lines.append(f"Other processes on the machine (not the settling process, the JVMs "
+                         f"or this harness) took {pct(run.cpu['other'])} of a core during the "
+                         f"{run.name} run" + (f" ({names})" if names else "") +
+                         ": its numbers may be lower than on a quiet machine.")
+    return "".join(f"- {line}\n" for line in lines)
+
+
+def quarter_rates(run: Throughput) -> tuple[float, float]:
+    """Committed records/s over the first and the last quarter of a run after start-up."""
+    timeline: list[tuple[float, int]] = [
+        (t, done) for t, done in run.notes.get("timeline", []) if t >= run.startup_s]
+    if len(timeline) < 8:
+        return 0.0, 0.0
+    span = timeline[-1][0] - timeline[0][0]
+
+    def rate(start: float, end: float) -> float:
+        inside = [(t, done) for t, done in timeline if start <= t <= end]
+        if len(inside) < 2 or inside[-1][0] == inside[0][0]:
+            return 0.0
+        return (inside[-1][1] - inside[0][1]) / (inside[-1][0] - inside[0][0])
+
+    first = timeline[0][0]
+    return rate(first, first + span / 4), rate(first + 3 * span / 4, timeline[-1][0])
+
+
+def latency_section(latency: Latency, worker: Throughput) -> str:
+    latency_table = table(
+        ["records/s", "observations", "settle p50", "settle p99", "batch p50", "batch p99",
+         "CPU worker", "CPU Cassandra", "CPU Kafka"],
+        [[n(latency.achieved), n(latency.count), f"**{ms(latency.settle_p50_s)}**",
+          f"**{ms(latency.settle_p99_s)}**", ms(latency.batch_p50_s), ms(latency.batch_p99_s),
+          pct(latency.cpu["settler"]), pct(latency.cpu["cassandra"]),
+          pct(latency.cpu["kafka"])]], left=0)
+    return f"""
+### Latency: produce -> settled at half the worker's rate
+
+A running worker on a fresh topic and keyspace; a fresh stream of the same shape
+({n(latency.events)} records: funding, then {n(latency.trades)} trades) produced at a steady
+{n(latency.rate)} records/s (half the {n(worker.steady_events_per_s)} trades/s the worker
+reached after start-up above; achieved {n(latency.achieved)}/s, producer `linger_ms=5`) for
+{latency.duration_s:.0f} s. Read off the worker's own histograms at the end:
+`settler_settle_latency_seconds` (Kafka record timestamp, set by the producer, to batch
+durable) and `settler_batch_seconds`. Quantiles interpolate linearly inside the bucket
+they fall in (as PromQL `histogram_quantile`), so they are only as fine as the buckets
+(..., 10, 20, 30, 50, 75, 100, 150, 200, 300, 500 ms, ...).
+
+{latency_table}
+
+CPU here includes this harness producing ({pct(latency.cpu["bench"])} of a core) on the same
+machine. Balance anomalies during this run: {n(latency.anomalies)} (funding and trades share
+one topic here, produced in order at a live pace).
+"""
+
+
+def replay_section(replay: Throughput, first: Phases, provenance: str) -> str:
+    outcomes = replay.notes["outcomes"]
+    replay_table = table(
+        ["events", "wall (s)", "events/s", "first settle, events/s", "replay / first",
+         "start-up (s)", "CPU worker", "CPU Cassandra", "CPU Kafka", "CPU other"],
+        [[n(replay.events), f"{replay.wall_s:.1f}", f"**{n(replay.events_per_s)}**",
+          n(first.events_per_s), ratio(replay.events_per_s, first.events_per_s),
+          f"{replay.startup_s:.1f}", *_cpu_cells(replay)]], left=0)
+    return f"""## Replay
+
+The worker again over both topics of the settle run (funding and trades,
+{n(replay.events)} records), with a fresh consumer group (`SETTLER_GROUP_ID`) against the
+keyspace that run already settled: every record takes the duplicate path (ids loaded per
+id bucket with one slice query, no balance write).
+
+{replay_table}
+
+Outcomes: {n(outcomes["duplicate"])} duplicates, {n(outcomes["settled"])} settled (0 expected),
+{n(outcomes["conflict"])} conflicts. Wall time from process start to committed offsets at
+the end, as for the worker run.
+
+{provenance} Raw numbers in `benchmarks/results/replay.json`.
+"""
+
+
+def memory_section(result: MemoryResult, provenance: str) -> str:
+    runs = result.runs
+    header = "| distinct users | " + " | ".join(
+        f"RSS, {run.config} (cached rows / remembered ids)" for run in runs) + " |"
+    lines = [header, "|---:|" + "---:|" * len(runs)]
+    for users in result.checkpoints:
+        cells = []
+        for run in runs:
+            sample = run.rss_at(users) if users <= run.stopped_at else None
+            cells.append("-" if sample is None else
+                         f"**{sample.rss / 2**20:,.0f} MiB** ({n(sample.cache_rows)} / "
+                         f"{n(sample.remembered_ids)})")
+        lines.append(f"| {n(users)} | " + " | ".join(cells) + " |")
+    lines.append("| peak (VmHWM) | " + " | ".join(
+        f"{run.peak_rss / 2**20:,.0f} MiB at {n(run.stopped_at)} users" for run in runs) + " |")
+    settings = "; ".join(
+        f"{run.config}: " + (", ".join(f"`{k}={v}`" for k, v in run.env.items())
+                             or "`SETTLER_BALANCE_CACHE_ROWS=200000`, `SETTLER_RECENT_IDS=500000`")
+        for run in runs)
+    rates = ", ".join(f"{run.config} {n(run.users_per_s)} users/s" for run in runs)
+    remarks = []
+    for run in runs:
+        bound = int(run.env.get("SETTLER_BALANCE_CACHE_ROWS", "200000"))
+        most = max((s.cache_rows for s in run.samples), default=0)
+        if most > bound:
+            remarks.append(f"With {run.config}, the worker's own `settler_balance_cache_rows` "
+                           f"gauge went above its configured bound: {n(most)} > {n(bound)} "
+                           "(see the plot).")
+    remarks_text = " ".join(remarks)
+    return f"""## Memory
+
+Worker RSS (`VmRSS` from `/proc/PID/status`) against distinct users seen: one stream of
+one deposit per user (3 partitions), settled by a fresh worker per configuration ({settings}).
+RSS is sampled every second together with the worker's settled count and its
+`settler_balance_cache_rows` / `settler_remembered_ids` gauges, and read off where the
+settled count first passes each checkpoint. Budget: {result.note}.
+
+{chr(10).join(lines)}
+
+Every new user costs one partition read (its rows) and one LOGGED batch, so this stream
+runs slower than trades ({rates}). {remarks_text}
+
+![memory](benchmarks/{MEMORY_PNG.name})
+
+{provenance} Raw samples in `benchmarks/results/memory.json`.
+"""
+
+
+OPTIMIZATIONS = """## Optimizations
+
+Before/after on the settle benchmark's timed trade phase (`python -m benchmarks settle
+--worker-env KEY=VALUE ...`, or `--worker-rev REV` for the worker of another commit).
+Filled in by hand.
+
+""" + table(
+    ["change", "setting / commit", "trades/s before", "trades/s after",
+     "worker CPU before -> after", "Cassandra CPU before -> after", "notes"],
+    [[name, "", "", "", "", "", ""] for name in (
+        "coalescing hot rows", "pipelining depth (`SETTLER_MAX_IN_FLIGHT`)",
+        "decoding whole fetch batches", "token-aware routing", "uvloop",
+        "py-spy top of profile")],
+    left=2) + "\n"
+
+
+# -- plots ---------------------------------------------------------------------------------
+
+
+def plot_settle(worker: Phases, ceiling: Phases, naive: Phases, path: Path = SETTLE_PNG
+                ) -> None:
+    runs = [("worker", worker.trades), ("ceiling", ceiling.trades), ("naive", naive.trades)]
+    fig, (rate_ax, cpu_ax, pace_ax) = plt.subplots(1, 3, figsize=(15, 4.2))
+    names = [name for name, _ in runs]
+    rates = [run.trades_per_s for _, run in runs]
+    bars = rate_ax.bar(names, rates, color=["#3b75af", "#888888", "#c44e52"])
+    rate_ax.bar_label(bars, labels=[n(r) for r in rates])
+    rate_ax.set_ylabel("trades/s (trade phase)")
+    rate_ax.set_title("Settlement throughput")
+    bottom = [0.0] * len(runs)
+    parts = [("settler", "settling process"), ("cassandra", "Cassandra"), ("kafka", "Kafka"),
+             ("other", "other")]
+    for key, label in parts:
+        values = [run.cpu[key] for _, run in runs]
+        cpu_ax.bar(names, values, bottom=bottom, label=label)
+        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+    cpu_ax.axhline(200, color="black", linewidth=0.8, linestyle="--")
+    cpu_ax.set_ylabel("CPU, % of one core (2 cores = 200%)")
+    cpu_ax.set_title("Who used the CPU")
+    cpu_ax.set_ylim(0, 260)
+    cpu_ax.legend(fontsize=8, ncol=2, loc="upper left")
+    timeline = worker.trades.notes.get("timeline", [])
+    step = 5  # seconds per point: commits land every 500 ms, so 1 s points are jagged
+    points = [(t1, (d1 - d0) / (t1 - t0)) for (t0, d0), (t1, d1)
+              in zip(timeline[::step], timeline[step::step], strict=False) if t1 > t0]
+    pace_ax.plot([t for t, _ in points], [r for _, r in points], color="#3b75af")
+    pace_ax.axhline(ceiling.trades.trades_per_s, color="#888888", linestyle="--",
+                    label="ceiling (mean)")
+    pace_ax.set_ylim(bottom=0)
+    pace_ax.set_xlim(left=0)
+    pace_ax.set_xlabel("seconds since worker start")
+    pace_ax.set_ylabel(f"trades/s committed ({step} s windows)")
+    pace_ax.set_title("Worker pace during the trade phase")
+    pace_ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_memory(result: MemoryResult, path: Path = MEMORY_PNG) -> None:
+    fig, (rss_ax, rows_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for run in result.runs:
+        xs = [s.users for s in run.samples]
+        rss_ax.plot(xs, [s.rss / 2**20 for s in run.samples], label=run.config)
+        rows_ax.plot(xs, [s.cache_rows for s in run.samples], label=f"cached rows, {run.config}")
+        rows_ax.plot(xs, [s.remembered_ids for s in run.samples], linestyle="--",
+                     label=f"remembered ids, {run.config}")
+    for ax in (rss_ax, rows_ax):
+        for users in _reached(result):
+            ax.axvline(users, color="grey", linewidth=0.6, linestyle=":")
+        ax.set_xlabel("distinct users settled")
+        ax.set_ylim(bottom=0)
+    rss_ax.set_ylabel("worker RSS (MiB)")
+    rss_ax.set_title("Worker RSS against distinct users")
+    rss_ax.legend()
+    rows_ax.set_title("Worker caches (its own gauges)")
+    rows_ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _reached(result: MemoryResult) -> Sequence[int]:
+    most = max((run.stopped_at for run in result.runs), default=0)
+    return [users for users in result.checkpoints if users <= most]
