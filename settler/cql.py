@@ -37,7 +37,21 @@ from cassandra.query import tuple_factory
 
 from settler.config import ConfigError, Settings
 
+
+class MissingResult(Exception):
+    """A read completed without a result set (seen from the driver right after a node
+    resumed). Retried like a timeout; never taken for "no rows", which the duplicate check
+    must not believe without an answer."""
+
+
+def rows_of(result: Any) -> Any:
+    if result is None:
+        raise MissingResult("read returned no result set")
+    return result
+
+
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    MissingResult,
     OperationTimedOut,
     NoHostAvailable,
     Unavailable,

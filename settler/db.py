@@ -121,11 +121,11 @@ class SettlementDb:
 
     async def get_user_all_balances(self, user_id: int) -> list[UserBalance]:
         """Every asset balance of a user, ordered by asset id: one single-partition query."""
-        rows = await self.run(self._prepared["all_balances"], (user_id,))
+        rows = cql.rows_of(await self.run(self._prepared["all_balances"], (user_id,)))
         return [UserBalance(user_id, *row) for row in rows]
 
     async def get_user_balance(self, user_id: int, asset_id: int) -> UserBalance | None:
-        rows = await self.run(self._prepared["one_balance"], (user_id, asset_id))
+        rows = cql.rows_of(await self.run(self._prepared["one_balance"], (user_id, asset_id)))
         first = next(iter(rows), None)
         return None if first is None else UserBalance(user_id, *first)
 
@@ -133,7 +133,7 @@ class SettlementDb:
 
     async def load_user(self, user_id: int) -> dict[int, StoredRow]:
         """All rows of one user with their applied offsets (one partition read)."""
-        rows = await self.run(self._prepared["load_user"], (user_id,))
+        rows = cql.rows_of(await self.run(self._prepared["load_user"], (user_id,)))
         return {
             asset_id: StoredRow(
                 Balance(available, frozen, version, updated_at), dict(applied or {})
@@ -144,7 +144,8 @@ class SettlementDb:
     async def settled(self, is_trade: bool, bucket: int, low: int, high: int
                       ) -> list[SettledRecord]:
         """Claimed ids between low and high (inclusive) inside one id bucket."""
-        rows = await self.run(self._prepared["claims"], (_claim_kind(is_trade), bucket, low, high))
+        rows = cql.rows_of(await self.run(
+            self._prepared["claims"], (_claim_kind(is_trade), bucket, low, high)))
         return [SettledRecord(event_id, digest, source) for event_id, digest, source in rows]
 
     def claims_batch(self, writes: Sequence[Write], *, timestamp: int) -> BatchStatement:

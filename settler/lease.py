@@ -92,7 +92,7 @@ class WriterLease:
     # -- taking it ------------------------------------------------------------------------
 
     async def read(self) -> Holder | None:
-        rows = await cql.run(self.session, self._statements["read"], (self.name,))
+        rows = cql.rows_of(await cql.run(self.session, self._statements["read"], (self.name,)))
         row = next(iter(rows), None)
         if row is None:
             return None
@@ -199,6 +199,6 @@ class WriterLease:
         await self._lwt("release", (self._last_ts, self.name, self.owner, self.epoch))
 
     async def _lwt(self, key: str, parameters: tuple[Any, ...]) -> bool:
-        rows = await cql.run(self.session, self._statements[key], parameters)
+        rows = cql.rows_of(await cql.run(self.session, self._statements[key], parameters))
         first = next(iter(rows), None)
         return bool(first is not None and first[0])
