@@ -42,7 +42,7 @@ unit: venv
 test: lint
 	@bash deploy/prometheus/ensure-prometheus.sh
 	@$(BIN)/settler dev up
-	@status=0; $(BIN)/pytest -q -rfE --durations=15 $(PYTEST_ARGS) || status=$$?; \
+	@status=0; $(BIN)/pytest -rfE --durations=15 $(PYTEST_ARGS) || status=$$?; \
 	  $(BIN)/settler dev down; exit $$status
 
 bench: up
