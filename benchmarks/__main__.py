@@ -35,7 +35,7 @@ from benchmarks.settle import (
     run_replay,
     run_worker_phases,
 )
-from benchmarks.stack import ROOT, Stack, machine, progress, snapshot
+from benchmarks.stack import ROOT, Stack, hold_machine, machine, progress, snapshot
 from settler import devstack
 from settler.registry import Registry, load_registry
 
@@ -108,6 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.worker_rev and SNAPSHOT_ENV not in os.environ:
         _reexec_on_snapshot(args.worker_rev, argv)
+    lock = hold_machine()  # noqa: F841 - held until this process exits
     stack = Stack()
     if args.worker_rev:
         worker = (f"`{args.worker_rev}` = commit {os.environ[SNAPSHOT_ENV]} (its `settler/` "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import io
 import os
 import re
@@ -18,7 +19,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -41,6 +42,28 @@ _STARTED = time.monotonic()
 def progress(message: str) -> None:
     elapsed = int(time.monotonic() - _STARTED)
     print(f"[bench {elapsed // 60:02d}:{elapsed % 60:02d}] {message}", flush=True)
+
+
+LOCK_PATH = Path(tempfile.gettempdir()) / "settler-benchmarks.lock"
+
+
+def hold_machine() -> TextIO:
+    """One benchmark run at a time on this machine: two at once share the 2 cores and both
+    measure garbage. Waits for the other run; the lock lasts while the returned file is open
+    (the life of this process)."""
+    lock = LOCK_PATH.open("a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        progress(f"waiting for the benchmark run of {holder} to finish ({LOCK_PATH})")
+        fcntl.flock(lock, fcntl.LOCK_EX)
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"pid {os.getpid()}")
+    lock.flush()
+    return lock
 
 
 def free_port() -> int:
