@@ -370,15 +370,15 @@ def memory_section(result: MemoryResult, provenance: str) -> str:
                              or "`SETTLER_BALANCE_CACHE_ROWS=200000`, `SETTLER_RECENT_IDS=500000`")
         for run in runs)
     rates = ", ".join(f"{run.config} {n(run.users_per_s)} users/s" for run in runs)
-    remarks = []
+    over = []
     for run in runs:
         bound = int(run.env.get("SETTLER_BALANCE_CACHE_ROWS", "200000"))
         most = max((s.cache_rows for s in run.samples), default=0)
         if most > bound:
-            remarks.append(f"With {run.config}, the worker's own `settler_balance_cache_rows` "
-                           f"gauge went above its configured bound: {n(most)} > {n(bound)} "
-                           "(see the plot).")
-    remarks_text = " ".join(remarks)
+            over.append(f"{run.config} {n(most)} > {n(bound)}")
+    remarks_text = ("The worker's own `settler_balance_cache_rows` gauge went above its "
+                    f"configured bound ({'; '.join(over)}); compare with RSS in the plot."
+                    if over else "")
     return f"""## Memory
 
 Worker RSS (`VmRSS` from `/proc/PID/status`) against distinct users seen: one stream of
