@@ -6,6 +6,8 @@
     python -m benchmarks settle --worker-env SETTLER_MAX_IN_FLIGHT=64 \\
                                 --worker-env SETTLER_MAX_IN_FLIGHT=512
                                             # worker run only, once per --worker-env group
+    python -m benchmarks latency --rate 1900 [--worker-env KEY=VALUE ...]
+                                            # latency only, at a steady rate (~1 min)
     python -m benchmarks --worker-rev HEAD  # measure the worker of a git revision
 
 Needs `settler dev up`. Creates its own topics, consumer groups and keyspaces and removes
@@ -62,7 +64,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--only", choices=PARTS, help="run one part (default: all three)")
     parser.add_argument("--no-write", action="store_true",
                         help="print and save JSON only: leave BENCHMARKS.md and the PNGs alone")
-    commands = parser.add_subparsers(dest="command", metavar="{settle}")
+    commands = parser.add_subparsers(dest="command", metavar="{settle,latency}")
     variants = commands.add_parser(
         "settle", help="only the worker run (a), once per --worker-env group; prints trades/s",
         description="Produce the settle stream once, then run `settler run` over it once per "
@@ -75,9 +77,21 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
              "SETTLER_ prefix may be left out)",
     )
     variants.add_argument("--trades", type=int, help="trades in the stream (default 200,000)")
+    latency = commands.add_parser(
+        "latency", help="only the latency run, once per --worker-env group; prints p50/p99",
+        description="Produce a fresh stream at a steady rate into a running worker, once per "
+                    "--worker-env group, and print produce -> settled p50/p99. Writes "
+                    "benchmarks/results/latency-variants.json only.",
+    )
+    latency.add_argument("--rate", type=float, required=True, help="records/s to produce")
+    latency.add_argument("--seconds", type=float, default=30.0,
+                         help="how long to produce (default 30)")
+    latency.add_argument("--worker-env", action="append", nargs="*", metavar="KEY=VALUE",
+                         help="SETTLER_* settings of one variant (repeat for more variants)")
     # Accepted before and after `settle`; SUPPRESS keeps the subcommand from resetting them.
     for target, quick, rev in ((parser, False, None),
-                               (variants, argparse.SUPPRESS, argparse.SUPPRESS)):
+                               (variants, argparse.SUPPRESS, argparse.SUPPRESS),
+                               (latency, argparse.SUPPRESS, argparse.SUPPRESS)):
         target.add_argument("--quick", action="store_true", default=quick,
                             help="smaller sizes (20k trades, memory up to 30k users)")
         target.add_argument("--worker-rev", metavar="REV", default=rev,
@@ -153,6 +167,9 @@ async def _run(args: argparse.Namespace, sizes: Sizes, stack: Stack, command: st
     try:
         if args.command == "settle":
             await settle_variants(stack, registry, args, sizes)
+            return 0
+        if args.command == "latency":
+            await latency_variants(stack, registry, args)
             return 0
         parts = [args.only] if args.only else list(PARTS)
         progress(f"benchmarks: {', '.join(parts)} ({'quick' if args.quick else 'full'} sizes);"
@@ -243,6 +260,28 @@ async def settle_variants(stack: Stack, registry: Registry, args: argparse.Names
               f"{phases.funding.events_per_s:,.0f} | "
               f"{t.startup_s:.1f} | {t.cpu['settler']:.0f}% | {t.cpu['cassandra']:.0f}% | "
               f"{t.cpu['other']:.0f}% |")
+
+
+async def latency_variants(stack: Stack, registry: Registry, args: argparse.Namespace) -> None:
+    """The latency run once per --worker-env group, each on a fresh stream and worker."""
+    variants = [parse_env(group) for group in (args.worker_env or [[]])]
+    results = []
+    for n, env in enumerate(variants):
+        label = " ".join(f"{k}={v}" for k, v in env.items()) or "defaults"
+        progress(f"== latency variant {n + 1}/{len(variants)}: {label}")
+        results.append((label, env, await run_latency(stack, registry, args.rate, args.seconds,
+                                                      env)))
+    report.save_json("latency-variants", {
+        "rate": args.rate, "variants": [{"env": env, "run": run} for _, env, run in results],
+    })
+    print("\n| worker env | records/s | settle p50 | settle p99 | batch p50 | batch p99 | "
+          "CPU worker | CPU Cassandra |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for label, _, run in results:
+        print(f"| {label} | {run.achieved:,.0f} | {1000 * run.settle_p50_s:.1f} ms | "
+              f"{1000 * run.settle_p99_s:.1f} ms | {1000 * run.batch_p50_s:.1f} ms | "
+              f"{1000 * run.batch_p99_s:.1f} ms | {run.cpu['settler']:.0f}% | "
+              f"{run.cpu['cassandra']:.0f}% |")
 
 
 if __name__ == "__main__":

@@ -434,8 +434,8 @@ async def _until(check: Callable[[], Awaitable[bool]], worker: WorkerProcess, ti
         await asyncio.sleep(0.1)
 
 
-async def run_latency(stack: Stack, registry: Registry, rate: float,
-                      duration_s: float) -> Latency:
+async def run_latency(stack: Stack, registry: Registry, rate: float, duration_s: float,
+                      extra_env: Mapping[str, str] | None = None) -> Latency:
     """Produce a fresh stream (funding, then trades) at a steady `rate` records/s into a
     running worker; read p50/p99 off its settle-latency histogram."""
     trades = max(100, int(rate * duration_s / 1.11))  # funding is about 11% of a stream
@@ -443,7 +443,7 @@ async def run_latency(stack: Stack, registry: Registry, rate: float,
     topic = await stack.topic("latency")
     group = stack.group("latency")
     worker = WorkerProcess(stack, topics=[topic], keyspace=await stack.keyspace("latency"),
-                           group=group, label="latency")
+                           group=group, label="latency", extra_env=extra_env)
     try:
         await _until(worker.ready, worker, 120, "latency worker ready")
         progress(f"  latency: producing {stream.events:,} records at {rate:,.0f}/s "

@@ -8,6 +8,7 @@ here, once, by `is_transient()`.
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 from collections.abc import Sequence
 from typing import Any
@@ -122,6 +123,10 @@ def make_cluster(settings: Settings, *, request_timeout_s: float | None = None) 
         # One connection per host saturates a small node; Scylla's shard-aware
         # driver opens one per shard by itself.
         idle_heartbeat_interval=10,
+        # The driver leaves Nagle on: a request written behind an unacknowledged one then
+        # waits for the server's delayed ACK (~40 ms on Linux). That was most of the
+        # worker's produce -> settled latency (BENCHMARKS.md, Optimizations).
+        sockopts=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
     )
 
 
