@@ -1,6 +1,6 @@
 """`python -m benchmarks`: settle throughput, replay and memory on the running dev stack.
 
-    python -m benchmarks                    # everything (~15 min), writes BENCHMARKS.md
+    python -m benchmarks                    # everything (~30 min), writes BENCHMARKS.md
     python -m benchmarks --quick            # smaller sizes, same shape (~2 min)
     python -m benchmarks --only settle      # or replay, or memory
     python -m benchmarks settle --worker-env SETTLER_MAX_IN_FLIGHT=64 \\

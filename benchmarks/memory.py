@@ -31,7 +31,7 @@ class MemorySizes:
     fallback_budget_s: float  # for both runs together, to go to the fallback
 
 
-FULL = MemorySizes((10_000, 100_000, 1_000_000), 300_000, 480, 720)
+FULL = MemorySizes((10_000, 100_000, 1_000_000), 300_000, 1800, 2400)
 QUICK = MemorySizes((2_000, 10_000, 30_000), 20_000, 90, 120)
 
 
