@@ -24,7 +24,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from benchmarks.memory import MemoryResult
+from benchmarks.memory import MemoryResult, MemoryRun
 from benchmarks.settle import Inputs, Latency, Phases, Throughput
 from benchmarks.stack import RESULTS, ROOT
 
@@ -379,6 +379,10 @@ def memory_section(result: MemoryResult, provenance: str) -> str:
     remarks_text = ("The worker's own `settler_balance_cache_rows` gauge went above its "
                     f"configured bound ({'; '.join(over)}); compare with RSS in the plot."
                     if over else "")
+    plateaus = [text for run in runs if (text := _plateau(run))]
+    if plateaus:
+        remarks_text += ("\n\nOnce both caches are at their bounds, RSS grows little more: "
+                         + "; ".join(plateaus) + ".")
     return f"""## Memory
 
 Worker RSS (`VmRSS` from `/proc/PID/status`) against distinct users seen: one stream of
@@ -396,6 +400,21 @@ runs slower than trades ({rates}). {remarks_text}
 
 {provenance} Raw samples in `benchmarks/results/memory.json`.
 """
+
+
+def _plateau(run: MemoryRun) -> str:
+    """From the first sample with both caches at their bounds to the end of the run, how
+    much RSS still grew (empty if the run never filled them)."""
+    rows = int(run.env.get("SETTLER_BALANCE_CACHE_ROWS", "200000"))
+    ids = int(run.env.get("SETTLER_RECENT_IDS", "500000"))
+    full = next((s for s in run.samples if s.cache_rows >= rows and s.remembered_ids >= ids),
+                None)
+    last = run.samples[-1] if run.samples else None
+    if full is None or last is None or last.users <= full.users:
+        return ""
+    return (f"{run.config} {full.rss / 2**20:,.0f} MiB at {n(full.users)} users (both bounds "
+            f"reached), {last.rss / 2**20:,.0f} MiB at {n(last.users)} "
+            f"({(last.rss - full.rss) / 2**20:+,.0f} MiB)")
 
 
 OPTIMIZATIONS = """## Optimizations
