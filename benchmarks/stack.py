@@ -9,7 +9,6 @@ import fcntl
 import io
 import os
 import re
-import socket
 import subprocess
 import sys
 import tarfile
@@ -31,6 +30,7 @@ from settler import devstack
 from settler.config import Settings, load_settings
 from settler.sample import SampleRecord
 from settler.schema import apply_schema, drop_keyspace
+from tests.harness import free_port
 
 PARTITIONS = 3
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,13 +64,6 @@ def hold_machine() -> TextIO:
     lock.write(f"pid {os.getpid()}")
     lock.flush()
     return lock
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 # -- names of a run's own resources --------------------------------------------------------
