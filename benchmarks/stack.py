@@ -22,7 +22,6 @@ from typing import Any, TextIO
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.protocol.admin import DeleteGroupsRequest
 from cassandra import OperationTimedOut
 from cassandra.cluster import NoHostAvailable
 
@@ -30,7 +29,7 @@ from settler import devstack
 from settler.config import Settings, load_settings
 from settler.sample import SampleRecord
 from settler.schema import apply_schema, drop_keyspace
-from tests.harness import free_port
+from tests.harness import delete_groups, free_port
 
 PARTITIONS = 3
 ROOT = Path(__file__).resolve().parent.parent
@@ -134,22 +133,6 @@ class Stack:
         for keyspace in self.keyspaces:
             await asyncio.to_thread(drop_keyspace, self.settings(keyspace))
         self.topics, self.keyspaces, self.groups = [], [], []
-
-
-GROUP_ID_NOT_FOUND = 69  # Kafka error code: a group that never joined, nothing to delete
-
-
-async def delete_groups(admin: AIOKafkaAdminClient, groups: Sequence[str]) -> list[str]:
-    """DeleteGroups (API 42) at each group's coordinator; aiokafka 0.14's admin client has
-    the request but no method for it. Returns the groups not deleted, with the error."""
-    failed = []
-    for group in groups:
-        coordinator = await admin.find_coordinator(group)
-        response = await admin._send_request_to_node(coordinator, DeleteGroupsRequest([group]))
-        for name, error in response.results:
-            if error not in (0, GROUP_ID_NOT_FOUND):
-                failed.append(f"{name} (error {error})")
-    return failed
 
 
 # -- producing ---------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.protocol.admin import DeleteGroupsRequest
 
 from settler import cql, replay
 from settler.config import Settings, load_settings
@@ -27,6 +28,7 @@ from settler.schema import apply_schema, drop_keyspace
 
 BOOTSTRAP = "127.0.0.1:9092"
 PARTITIONS = 3
+GROUP_ID_NOT_FOUND = 69  # Kafka error code: a group that never joined, nothing to delete
 
 
 def free_port() -> int:
@@ -94,13 +96,36 @@ async def create(env: TestEnv) -> None:
 
 
 async def destroy(env: TestEnv) -> None:
+    """Remove the test's topics, its consumer groups (its own and any derived from its
+    name, such as a replay's) and its keyspace."""
     admin = AIOKafkaAdminClient(bootstrap_servers=BOOTSTRAP)
     await admin.start()
     try:
         await admin.delete_topics([env.topic, env.settings.dlq_topic])
+        groups = [group for group, *_ in await admin.list_consumer_groups()
+                  if group.startswith(env.settings.group_id)]
+        # A SIGKILLed worker stays a member until its session times out (10 s).
+        for _ in range(30):
+            if not (failed := await delete_groups(admin, groups)):
+                break
+            await asyncio.sleep(0.5)
+        assert not failed, f"consumer groups left behind: {', '.join(failed)}"
     finally:
         await admin.close()
     await asyncio.to_thread(drop_keyspace, env.settings)
+
+
+async def delete_groups(admin: AIOKafkaAdminClient, groups: Iterable[str]) -> list[str]:
+    """DeleteGroups (API 42) at each group's coordinator; aiokafka 0.14's admin client has
+    the request but no method for it. Returns the groups not deleted, with the error."""
+    failed = []
+    for group in groups:
+        coordinator = await admin.find_coordinator(group)
+        response = await admin._send_request_to_node(coordinator, DeleteGroupsRequest([group]))
+        for name, error in response.results:
+            if error not in (0, GROUP_ID_NOT_FOUND):
+                failed.append(f"{name} (error {error})")
+    return failed
 
 
 async def produce(topic: str, records: Iterable[SampleRecord]) -> None:
