@@ -1,4 +1,4 @@
-"""API keys of the balances HTTP API: create, revoke, and find the user owning a key.
+"""API keys of the balances HTTP API: create, list, revoke, and find the user owning a key.
 
 Keys are shown once at creation and stored only as their SHA-256 (schema/005_api_keys.cql).
 Every function takes a driver Session bound to the settlement keyspace; the CQL text of keys
@@ -34,6 +34,8 @@ _CQL: Final = {
     "owner": "SELECT user_id, key_id, revoked FROM {ks}.api_keys WHERE key_hash = ?",
     "hash_of_id": "SELECT key_hash FROM {ks}.api_keys_by_id WHERE key_id = ?",
     "revoke": "UPDATE {ks}.api_keys SET revoked = true WHERE key_hash = ?",
+    # A whole-table read: for an operator's listing, never on a request path.
+    "all": "SELECT key_id, user_id, created_at, revoked FROM {ks}.api_keys",
 }
 
 # Prepared once per session; the driver does not deduplicate `prepare()` round trips itself.
@@ -49,6 +51,16 @@ class NewKey:
     key_id: str
     key: str
     user_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class KeyInfo:
+    """What an operator may see of a key: never the key, nor its hash."""
+
+    key_id: str
+    user_id: int
+    created_at_ms: int
+    revoked: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +102,17 @@ async def create_key(session: Session, user_id: int) -> NewKey:
     batch.add(statements["insert_key_id"], (new.key_id, digest))
     await cql.run(session, batch)
     return new
+
+
+async def list_keys(session: Session, user_id: int | None = None) -> list[KeyInfo]:
+    """Every key (or every key of `user_id`), oldest first."""
+    statements = await prepare(session)
+    keys = [
+        KeyInfo(key_id, owner, created_at or 0, bool(revoked))
+        for key_id, owner, created_at, revoked in await cql.run(session, statements["all"])
+        if user_id is None or owner == user_id
+    ]
+    return sorted(keys, key=lambda key: (key.created_at_ms, key.key_id))
 
 
 async def revoke_key(session: Session, key_id: str) -> bool:

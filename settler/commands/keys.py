@@ -1,10 +1,12 @@
-"""`settler keys create USER_ID` and `settler keys revoke KEY_ID`: API keys of `settler api`."""
+"""`settler keys create USER_ID`, `settler keys list [--user USER_ID]` and `settler keys revoke
+KEY_ID`: API keys of `settler api`."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -20,13 +22,19 @@ T = TypeVar("T")
 
 
 def register(subparsers: Any) -> None:
-    parser = subparsers.add_parser("keys", help="create and revoke API keys of `settler api`")
+    parser = subparsers.add_parser("keys", help="create, list and revoke API keys of `settler api`")
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
     create = actions.add_parser(
         "create", help="print a new key for USER_ID (shown once; only its hash is stored)"
     )
     create.add_argument("user_id", type=user_id_argument, metavar="USER_ID")
     create.set_defaults(handler=_create)
+    listing = actions.add_parser(
+        "list", help="a table of key ids, owners, creation times and states (never the keys)"
+    )
+    listing.add_argument("--user", type=user_id_argument, metavar="USER_ID",
+                         help="only the keys of this user")
+    listing.set_defaults(handler=_list)
     revoke = actions.add_parser("revoke", help="revoke a key by its KEY_ID")
     revoke.add_argument("key_id", metavar="KEY_ID")
     revoke.set_defaults(handler=_revoke)
@@ -42,6 +50,25 @@ def _create(args: argparse.Namespace, settings: Settings) -> int:
     print(f"api_key: {new.key}")
     print(f"user_id: {new.user_id}")
     print("Store the API key now: it is not shown again.", file=sys.stderr)
+    return 0
+
+
+def _list(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        keys = asyncio.run(_in_keyspace(settings, apikeys.list_keys, args.user))
+    except (*cql.TRANSIENT_ERRORS, InvalidRequest) as exc:
+        print(f"settler keys list: {exc}", file=sys.stderr)
+        return 1
+    rows = [("KEY_ID", "USER_ID", "CREATED (UTC)", "STATE")] + [
+        (key.key_id, str(key.user_id),
+         time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(key.created_at_ms / 1000)),
+         "revoked" if key.revoked else "active")
+        for key in keys
+    ]
+    widths = [max(len(row[column]) for row in rows) for column in range(4)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+              .rstrip())
     return 0
 
 

@@ -246,6 +246,32 @@ def test_cli_keys_revoke_of_an_unknown_key_id_exits_1(
     assert "no key with id 'kid_doesnotexist'" in capsys.readouterr().err
 
 
+def test_cli_keys_list_shows_ids_owners_and_states_never_the_keys(
+    keyspace_env: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    created = []
+    for user in (ALICE, ALICE, BOB):
+        assert cli.main(["keys", "create", str(user)]) == 0
+        created.append(dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines()))
+    assert cli.main(["keys", "revoke", created[0]["key_id"]]) == 0
+    capsys.readouterr()
+
+    assert cli.main(["keys", "list", "--user", str(ALICE)]) == 0
+    alice_out = capsys.readouterr().out
+    assert cli.main(["keys", "list"]) == 0
+    all_out = capsys.readouterr().out
+
+    header, *lines = alice_out.splitlines()
+    assert header.split() == ["KEY_ID", "USER_ID", "CREATED", "(UTC)", "STATE"]
+    states = {line.split()[0]: (line.split()[1], line.split()[-1]) for line in lines}
+    assert states[created[0]["key_id"]] == (str(ALICE), "revoked")
+    assert states[created[1]["key_id"]] == (str(ALICE), "active")
+    assert created[2]["key_id"] not in states  # Bob's key is not Alice's
+    assert {owner for owner, _ in states.values()} == {str(ALICE)}
+    assert all(key["key_id"] in all_out for key in created)
+    assert not any(key["api_key"] in alice_out + all_out for key in created)
+
+
 async def test_only_the_hash_of_a_key_is_stored(db: SettlementDb) -> None:
     new = await apikeys.create_key(db.session, ALICE)
 
