@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
+from settler import texttable
 from settler.amounts import to_decimal_string
 from settler.db import UserBalance
 from settler.registry import INT64_MAX, Asset, Registry
@@ -90,11 +91,5 @@ def balances_document(user_id: int, views: Sequence[BalanceView]) -> dict[str, A
 
 def balances_table(views: Sequence[BalanceView]) -> str:
     """A plain text table: asset left-aligned, amounts right-aligned; header only if empty."""
-    cells = [TABLE_HEADER, *((v.asset, v.available, v.frozen, v.total) for v in views)]
-    widths = [max(len(row[column]) for row in cells) for column in range(len(TABLE_HEADER))]
-    lines = []
-    for row in cells:
-        parts = [row[0].ljust(widths[0])]
-        parts.extend(cell.rjust(width) for cell, width in zip(row[1:], widths[1:], strict=True))
-        lines.append("  ".join(parts).rstrip())
-    return "\n".join(lines)
+    return texttable.render(
+        [TABLE_HEADER, *((v.asset, v.available, v.frozen, v.total) for v in views)])

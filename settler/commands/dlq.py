@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 from aiokafka.errors import KafkaError
 
-from settler import logs
+from settler import logs, texttable
 from settler.config import Settings
 from settler.deadletters import (
     DeadLetter,
@@ -112,11 +112,7 @@ def listing_table(listing: Listing) -> str:
          text_of(letter.value, PREVIEW_CHARS))
         for letter in listing.letters
     ]
-    widths = [max(len(row[i]) for row in rows) for i in range(5)]
-    return "\n".join(
-        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-        for row in rows
-    )
+    return texttable.render(rows, left=len(rows[0]))
 
 
 def _show(args: argparse.Namespace, settings: Settings) -> int:

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 from cassandra import InvalidRequest
 from cassandra.cluster import Session
 
-from settler import apikeys, cql
+from settler import apikeys, cql, texttable
 from settler.commands.balances import user_id_argument
 from settler.config import Settings
 
@@ -41,10 +41,8 @@ def register(subparsers: Any) -> None:
 
 
 def _create(args: argparse.Namespace, settings: Settings) -> int:
-    try:
-        new = asyncio.run(_in_keyspace(settings, apikeys.create_key, args.user_id))
-    except (*cql.TRANSIENT_ERRORS, InvalidRequest) as exc:
-        print(f"settler keys create: {exc}", file=sys.stderr)
+    new = _call("create", settings, apikeys.create_key, args.user_id)
+    if new is None:
         return 1
     print(f"key_id: {new.key_id}")
     print(f"api_key: {new.key}")
@@ -54,10 +52,8 @@ def _create(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _list(args: argparse.Namespace, settings: Settings) -> int:
-    try:
-        keys = asyncio.run(_in_keyspace(settings, apikeys.list_keys, args.user))
-    except (*cql.TRANSIENT_ERRORS, InvalidRequest) as exc:
-        print(f"settler keys list: {exc}", file=sys.stderr)
+    keys = _call("list", settings, apikeys.list_keys, args.user)
+    if keys is None:
         return 1
     rows = [("KEY_ID", "USER_ID", "CREATED (UTC)", "STATE")] + [
         (key.key_id, str(key.user_id),
@@ -65,24 +61,30 @@ def _list(args: argparse.Namespace, settings: Settings) -> int:
          "revoked" if key.revoked else "active")
         for key in keys
     ]
-    widths = [max(len(row[column]) for row in rows) for column in range(4)]
-    for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
-              .rstrip())
+    print(texttable.render(rows, left=len(rows[0])))
     return 0
 
 
 def _revoke(args: argparse.Namespace, settings: Settings) -> int:
-    try:
-        revoked = asyncio.run(_in_keyspace(settings, apikeys.revoke_key, args.key_id))
-    except (*cql.TRANSIENT_ERRORS, InvalidRequest) as exc:
-        print(f"settler keys revoke: {exc}", file=sys.stderr)
+    revoked = _call("revoke", settings, apikeys.revoke_key, args.key_id)
+    if revoked is None:
         return 1
     if not revoked:
         print(f"settler keys revoke: no key with id {args.key_id!r}", file=sys.stderr)
         return 1
     print(f"revoked {args.key_id}")
     return 0
+
+
+def _call(action_name: str, settings: Settings,
+          action: Callable[[Session, A], Awaitable[T]], argument: A) -> T | None:
+    """Run `action` in the settlement keyspace; None (after one line on stderr) when the
+    database cannot be reached or rejects it."""
+    try:
+        return asyncio.run(_in_keyspace(settings, action, argument))
+    except (*cql.TRANSIENT_ERRORS, InvalidRequest) as exc:
+        print(f"settler keys {action_name}: {exc}", file=sys.stderr)
+        return None
 
 
 async def _in_keyspace(settings: Settings, action: Callable[[Session, A], Awaitable[T]],

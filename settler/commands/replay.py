@@ -11,7 +11,7 @@ from typing import Any
 
 from aiokafka.errors import KafkaConnectionError, KafkaError
 
-from settler import logs
+from settler import logs, texttable
 from settler.config import Settings
 from settler.progress import Progress
 from settler.replay import CatchUp, ReplayError, Rewind, Start, rewind, watch
@@ -128,9 +128,4 @@ def rewinds_table(rewinds: list[Rewind]) -> str:
          str(r.offset), str(r.end))
         for r in rewinds
     ]
-    widths = [max(len(row[i]) for row in rows) for i in range(5)]
-    return "\n".join(
-        "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
-                  for i, (cell, w) in enumerate(zip(row, widths, strict=True)))
-        for row in rows
-    )
+    return texttable.render(rows)

@@ -13,7 +13,7 @@ from typing import Any
 
 from cassandra import InvalidRequest
 
-from settler import cql, logs
+from settler import cql, logs, texttable
 from settler import verify as reconcile
 from settler.amounts import to_decimal_string
 from settler.balances_view import unregistered_asset
@@ -106,12 +106,7 @@ def differences_table(differences: list[Difference], registry: Registry) -> str:
         rebuilt = _figures_text(diff.rebuilt, asset)
         lines.append((str(diff.user_id), asset.name, stored[0], rebuilt[0], stored[1],
                       rebuilt[1], stored[2], rebuilt[2]))
-    widths = [max(len(line[i]) for line in lines) for i in range(len(TABLE_HEADER))]
-    return "\n".join(
-        "  ".join(cell.ljust(width) if i < 2 else cell.rjust(width)
-                  for i, (cell, width) in enumerate(zip(line, widths, strict=True))).rstrip()
-        for line in lines
-    )
+    return texttable.render(lines, left=2)
 
 
 def _figures_json(figures: Figures | None, asset: Asset) -> dict[str, Any] | None:
