@@ -6,13 +6,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import secrets
 import signal
 import socket
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.protocol.admin import DeleteGroupsRequest
+from cassandra.cluster import Session
 
 from settler import cql, replay
 from settler.config import Settings, load_settings
@@ -80,6 +82,29 @@ def new_env(log_dir: Path, **overrides: str) -> TestEnv:
         **overrides,
     })
     return TestEnv(suffix, settings, log_dir)
+
+
+@contextlib.contextmanager
+def scratch_keyspace(prefix: str) -> Iterator[Settings]:
+    """Settings of a new keyspace named `prefix_<random>` with the schema applied; dropped
+    on exit. For read tests that seed rows themselves (no topic, no worker)."""
+    settings = load_settings(
+        environ={**os.environ, "SETTLER_KEYSPACE": f"{prefix}_{secrets.token_hex(4)}"}
+    )
+    apply_schema(settings)
+    try:
+        yield settings
+    finally:
+        drop_keyspace(settings)
+
+
+async def insert_balance(session: Session, user_id: int, asset_id: int, available: int,
+                         frozen: int) -> None:
+    """A user_balances row as the settling worker would leave it."""
+    await cql.run(session, (
+        "INSERT INTO user_balances (user_id, asset_id, available, frozen, version, updated_at,"
+        " applied) VALUES (%s, %s, %s, %s, 1, 1700000000000, {'settlement.events:0': 1})"
+    ), (user_id, asset_id, available, frozen))
 
 
 async def create(env: TestEnv) -> None:

@@ -7,8 +7,6 @@ without one) and validates status codes, content types, headers and bodies again
 
 from __future__ import annotations
 
-import os
-import secrets
 import socket
 import subprocess
 import sys
@@ -23,11 +21,11 @@ import uvicorn
 from hypothesis.strategies import SearchStrategy
 from schemathesis import APIOperation, BaseSchema, Case, GenerationMode
 
-from settler import apikeys, cql
+from settler import apikeys
 from settler.api import API_KEY_HEADER, create_app
-from settler.config import Settings, load_settings
+from settler.config import Settings
 from settler.db import SettlementDb
-from settler.schema import apply_schema, drop_keyspace
+from tests import harness
 
 pytestmark = pytest.mark.integration
 
@@ -36,22 +34,15 @@ USER = 1001
 
 @pytest.fixture(scope="module")
 def api_settings() -> Iterator[Settings]:
-    settings = load_settings(
-        environ={**os.environ, "SETTLER_KEYSPACE": f"t_api_fuzz_{secrets.token_hex(4)}"}
-    )
-    apply_schema(settings)
-    yield settings
-    drop_keyspace(settings)
+    with harness.scratch_keyspace("t_api_fuzz") as settings:
+        yield settings
 
 
 @pytest.fixture(scope="module")
 async def db(api_settings: Settings) -> AsyncIterator[SettlementDb]:
     db = await SettlementDb.open(api_settings)
     for asset_id, available, frozen in [(1, 150_000_000, 0), (2, 5, 10**12), (9, 3, 0)]:
-        await cql.run(db.session, (
-            "INSERT INTO user_balances (user_id, asset_id, available, frozen, version,"
-            " updated_at, applied) VALUES (%s, %s, %s, %s, 1, 0, {})"
-        ), (USER, asset_id, available, frozen))
+        await harness.insert_balance(db.session, USER, asset_id, available, frozen)
     yield db
     await db.close()
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import secrets
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -17,15 +16,14 @@ from pathlib import Path
 
 import httpx
 import pytest
-from cassandra.cluster import Session
 from starlette.applications import Starlette
 
 from settler import apikeys, cli, cql
 from settler.api import create_app
-from settler.config import Settings, load_settings
+from settler.config import Settings
 from settler.db import SettlementDb, UserBalance
 from settler.registry import INT64_MAX
-from settler.schema import apply_schema, drop_keyspace
+from tests import harness
 
 pytestmark = pytest.mark.integration
 
@@ -53,21 +51,6 @@ ALICE_DOCUMENT = {
 # -- reusable helpers -------------------------------------------------------------------
 
 
-def fresh_keyspace_settings(prefix: str) -> Settings:
-    return load_settings(
-        environ={**os.environ, "SETTLER_KEYSPACE": f"{prefix}_{secrets.token_hex(4)}"}
-    )
-
-
-async def insert_balance(session: Session, user_id: int, asset_id: int, available: int,
-                         frozen: int) -> None:
-    """A user_balances row as the settling worker would leave it."""
-    await cql.run(session, (
-        "INSERT INTO user_balances (user_id, asset_id, available, frozen, version, updated_at,"
-        " applied) VALUES (%s, %s, %s, %s, 1, 1700000000000, {'settlement.events:0': 1})"
-    ), (user_id, asset_id, available, frozen))
-
-
 async def api_client(app: Starlette) -> AsyncIterator[httpx.AsyncClient]:
     """An HTTP client for the app, with its lifespan (the database connection) running."""
     async with app.router.lifespan_context(app), httpx.AsyncClient(
@@ -81,17 +64,15 @@ async def api_client(app: Starlette) -> AsyncIterator[httpx.AsyncClient]:
 
 @pytest.fixture(scope="module")
 def settings() -> Iterator[Settings]:
-    settings = fresh_keyspace_settings("t_reads")
-    apply_schema(settings)
-    yield settings
-    drop_keyspace(settings)
+    with harness.scratch_keyspace("t_reads") as settings:
+        yield settings
 
 
 @pytest.fixture(scope="module")
 async def db(settings: Settings) -> AsyncIterator[SettlementDb]:
     db = await SettlementDb.open(settings)
     for user_id, asset_id, available, frozen in SEEDED:
-        await insert_balance(db.session, user_id, asset_id, available, frozen)
+        await harness.insert_balance(db.session, user_id, asset_id, available, frozen)
     yield db
     await db.close()
 
