@@ -123,8 +123,11 @@ class Worker:
             code = await self._lead(db, lease)
         finally:
             probe.cancel()
-            with contextlib.suppress(Exception):
+            try:
                 await asyncio.wait_for(lease.release(), CLOSE_TIMEOUT_S)
+            except Exception as exc:  # noqa: BLE001 - the lease lapses by itself
+                log.warning("could not release the writer lease; a standby takes over when "
+                            "it expires", ttl_s=self.settings.lease_ttl_s, error=repr(exc))
             metrics.WRITER.set(0)
             await db.close()
             server.close()
