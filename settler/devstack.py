@@ -285,11 +285,19 @@ def resume(service: str) -> None:
 
 
 def _wait_for_state(pid: int, *, stopped: bool, timeout_s: float = 5.0) -> None:
+    """Until the kernel reports the process stopped (or running again); a fault test that
+    believes it froze a service that still runs would prove nothing, so this fails."""
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    while True:
         state = _proc_state(pid)
-        if state is None or (state == "T") == stopped:
+        if state is None:
+            raise DevStackError(f"process {pid} exited while waiting for it to "
+                                f"{'stop' if stopped else 'continue'}")
+        if (state == "T") == stopped:
             return
+        if time.monotonic() > deadline:
+            raise DevStackError(f"process {pid} did not {'stop' if stopped else 'continue'} "
+                                f"within {timeout_s}s (state {state!r})")
         time.sleep(0.01)
 
 

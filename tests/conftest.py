@@ -15,26 +15,27 @@ from settler.registry import Registry, load_registry
 from tests import harness
 
 
-def _answers(port: int) -> bool:
+def _answers(address: str) -> bool:
+    host, _, port = address.split(",")[0].rpartition(":")
     with socket.socket() as sock:
         sock.settimeout(1)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
+        return sock.connect_ex((host, int(port))) == 0
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
-    if not (_answers(9092) and _answers(9042)):
+    if not (_answers(harness.BOOTSTRAP) and _answers(harness.CQL)):
         return ["local stack: not running (integration tests will fail; run `settler dev up`)"]
     from settler import devstack
 
-    versions = devstack.server_versions(load_settings(environ={}))
-    return [f"local stack: Apache Kafka {versions.get('kafka', '?')} on 127.0.0.1:9092, "
-            f"Apache Cassandra {versions.get('cassandra', '?')} on 127.0.0.1:9042"]
+    versions = devstack.server_versions(load_settings(environ=harness.STACK_ENV))
+    return [f"local stack: Apache Kafka {versions.get('kafka', '?')} on {harness.BOOTSTRAP}, "
+            f"Apache Cassandra {versions.get('cassandra', '?')} on {harness.CQL}"]
 
 
 @pytest.fixture(scope="session")
 def stack() -> None:
-    missing = [name for name, port in (("Kafka", 9092), ("Cassandra", 9042))
-               if not _answers(port)]
+    missing = [name for name, address in (("Kafka", harness.BOOTSTRAP), ("Cassandra", harness.CQL))
+               if not _answers(address)]
     if missing:
         pytest.fail(f"{' and '.join(missing)} not answering on 127.0.0.1: run `settler dev up` "
                     "(or `make test`, which starts and stops the stack)", pytrace=False)

@@ -28,7 +28,12 @@ from settler.config import Settings, load_settings
 from settler.sample import SampleRecord
 from settler.schema import apply_schema, drop_keyspace
 
-BOOTSTRAP = "127.0.0.1:9092"
+# The stack the tests talk to: the default local one, or a private one on other ports
+# (`SETTLER_KAFKA_BOOTSTRAP=127.0.0.1:19092 SETTLER_CQL_CONTACT_POINTS=127.0.0.1:19042
+# settler dev up`, then the same variables for pytest).
+BOOTSTRAP = os.environ.get("SETTLER_KAFKA_BOOTSTRAP", "127.0.0.1:9092")
+CQL = os.environ.get("SETTLER_CQL_CONTACT_POINTS", "127.0.0.1:9042")
+STACK_ENV = {"SETTLER_KAFKA_BOOTSTRAP": BOOTSTRAP, "SETTLER_CQL_CONTACT_POINTS": CQL}
 PARTITIONS = 3
 GROUP_ID_NOT_FOUND = 69  # Kafka error code: a group that never joined, nothing to delete
 
@@ -55,6 +60,7 @@ class TestEnv:
     def environ(self, **extra: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("SETTLER_")}
         env.update({
+            **STACK_ENV,
             "SETTLER_TOPICS": self.topic,
             "SETTLER_DLQ_TOPIC": self.settings.dlq_topic,
             "SETTLER_GROUP_ID": self.settings.group_id,
@@ -75,6 +81,7 @@ class TestEnv:
 def new_env(log_dir: Path, **overrides: str) -> TestEnv:
     suffix = uuid.uuid4().hex[:10]
     settings = load_settings(environ={
+        **STACK_ENV,
         "SETTLER_TOPICS": f"t.{suffix}.events",
         "SETTLER_DLQ_TOPIC": f"t.{suffix}.dlq",
         "SETTLER_GROUP_ID": f"t-{suffix}",
@@ -190,7 +197,7 @@ async def end_offsets(topic: str) -> dict[TopicPartition, int]:
 
 
 async def committed_offsets(group: str) -> dict[TopicPartition, int]:
-    return await replay.committed_offsets(load_settings(environ={}), group)
+    return await replay.committed_offsets(load_settings(environ=STACK_ENV), group)
 
 
 async def wait_caught_up(env: TestEnv, timeout: float, worker: WorkerProcess | None = None
