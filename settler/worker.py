@@ -45,6 +45,9 @@ LAG_INTERVAL_S = 5.0
 # drain in-flight batches, commit, then close clients and release the lease.
 DRAIN_TIMEOUT_S = 4.0
 CLOSE_TIMEOUT_S = 2.0
+SHUTDOWN_BUDGET_S = DRAIN_TIMEOUT_S + 3 * CLOSE_TIMEOUT_S
+"""The longest a SIGTERM may take to exit 0: drain, then commit, close the clients and
+release the lease, each bounded. Tests and docs refer to this one value."""
 LOAD_CONCURRENCY = 64
 
 
