@@ -88,6 +88,29 @@ def _existing_file(value: str) -> Path:
     return path
 
 
+def _auto_or(parse: Callable[[str], int]) -> Callable[[str], int | None]:
+    """"auto" (None: derived from the connected database) or a value."""
+    def parsed(value: str) -> int | None:
+        return None if value.strip().lower() == "auto" else parse(value)
+
+    return parsed
+
+
+WEAK_CONSISTENCY = ("ANY", "ONE", "LOCAL_ONE", "TWO", "THREE")
+
+
+def _consistency(value: str) -> str:
+    # Rows are written as absolute values computed from what was read: a read that can
+    # miss the latest write (with more than one replica) would erase effects.
+    if value in WEAK_CONSISTENCY:
+        raise ValueError(
+            f"{value} does not overlap writes and reads (a re-read row could be stale and "
+            "the next absolute write would erase effects); use LOCAL_QUORUM (writers in one "
+            "datacenter), QUORUM, EACH_QUORUM or ALL"
+        )
+    return _choice("QUORUM", "LOCAL_QUORUM", "EACH_QUORUM", "ALL")(value)
+
+
 def _cql_name(value: str) -> str:
     # Pasted into CQL text (CREATE KEYSPACE ...), so only a plain identifier is allowed.
     if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]{0,47}", value):
@@ -154,8 +177,9 @@ OPTIONS: dict[str, Option] = {
     ),
     "cql_consistency": Option(
         "LOCAL_QUORUM",
-        _choice("ONE", "LOCAL_ONE", "QUORUM", "LOCAL_QUORUM", "EACH_QUORUM", "ALL"),
-        "consistency level of every read and write",
+        _consistency,
+        "consistency level of every read and write (QUORUM, LOCAL_QUORUM, EACH_QUORUM, ALL:"
+        " levels that overlap writes and reads)",
     ),
     "cql_local_dc": Option("", _optional_str, "local datacenter for DC-aware routing"),
     "cql_username": Option("", _optional_str, "CQL username"),
@@ -184,10 +208,22 @@ OPTIONS: dict[str, Option] = {
     ),
     "lease_ttl_s": Option("10", _positive_int, "single-writer lease lifetime (s)"),
     "takeover_wait_s": Option(
-        "15", _non_negative_int,
-        "after taking over from a writer that died, wait this long before reading balances:"
-        " its batches still in the batchlog land by then (Cassandra replays them after"
-        " 2 x write_request_timeout, checked every 10 s)",
+        "auto", _auto_or(_non_negative_int),
+        "after taking over from a writer that died, wait this long (renewing the lease)"
+        " before reading balances, so its batches still in the batchlog land first; auto:"
+        " 15 for Cassandra (replays after 2 x write_request_timeout, checked every 10 s),"
+        " 75 for ScyllaDB (replays on a 60 s loop)",
+    ),
+    "batch_max_bytes": Option(
+        "auto", _auto_or(_positive_int),
+        "upper bound of one LOGGED batch (estimated bytes); auto: 80% of the server's"
+        " batch_size_fail_threshold (40960 if it cannot be read); a batch the server still"
+        " finds too large is split and retried",
+    ),
+    "kafka_max_request_bytes": Option(
+        "1048576", _positive_int,
+        "largest request the dead-letter producer sends (Kafka max.request.size); a dead"
+        " letter above it goes out without its value, with a pointer to its source",
     ),
     "retry_initial_ms": Option("100", _positive_int, "first retry delay (ms)"),
     "retry_max_ms": Option("5000", _positive_int, "retry delay cap (ms)"),
@@ -240,7 +276,9 @@ class Settings:
     balance_cache_rows: int
     recent_ids: int
     lease_ttl_s: int
-    takeover_wait_s: int
+    takeover_wait_s: int | None
+    batch_max_bytes: int | None
+    kafka_max_request_bytes: int
     retry_initial_ms: int
     retry_max_ms: int
     event_loop: str

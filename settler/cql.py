@@ -149,15 +149,23 @@ def connect(settings: Settings, *, keyspace: str | None = None) -> tuple[Cluster
 
 def run(session: Session, statement: Any, parameters: Sequence[Any] | None = None,
         *, timeout: float | None = None) -> asyncio.Future[Any]:
-    """Execute asynchronously; the returned asyncio future resolves to the result rows."""
+    """Execute asynchronously; the returned asyncio future resolves to ALL the result rows
+    (every page: a caller that assumes one page would silently miss rows)."""
     loop = asyncio.get_running_loop()
     future: asyncio.Future[Any] = loop.create_future()
     if timeout is None:
         response = session.execute_async(statement, parameters)
     else:
         response = session.execute_async(statement, parameters, timeout=timeout)
+    pages: list[Any] = []
 
     def on_rows(rows: Any) -> None:
+        if response.has_more_pages:
+            pages.extend(rows)
+            response.start_fetching_next_page()
+            return
+        if pages:
+            rows = [*pages, *rows]
         loop.call_soon_threadsafe(_resolve, future, rows, None)
 
     def on_error(exc: BaseException) -> None:

@@ -10,8 +10,8 @@ Library use (other services):
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 from cassandra.cluster import Cluster, Session
@@ -20,11 +20,12 @@ from cassandra.query import BatchStatement, BatchType, PreparedStatement
 from settler import cql
 from settler.config import Settings
 from settler.events import Trade, kind
-from settler.ledger import RowWrite, SettledRecord, StoredRow, Write
-from settler.settlement import Balance
+from settler.ledger import Claim, Resolved, Row, RowImage, Write
 
 ID_BUCKET_BITS: Final = 12
 """Ids are stored in partitions of 4096 consecutive ids (see schema/003_events.cql)."""
+
+PROGRESS_SCOPE: Final = "writer"
 
 
 def id_bucket(event_id: int) -> int:
@@ -47,6 +48,15 @@ class UserBalance:
     updated_at: int
 
 
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """The writer's progress records (schema/003_events.cql, table progress)."""
+
+    frontier: Mapping[str, int] = field(default_factory=dict)
+    committed: Mapping[str, int] = field(default_factory=dict)
+    resolved: Resolved = field(default_factory=Resolved)
+
+
 _BALANCE_COLUMNS = "asset_id, available, frozen, version, updated_at"
 
 _CQL: Final = {
@@ -55,11 +65,11 @@ _CQL: Final = {
         f"SELECT {_BALANCE_COLUMNS} FROM {{ks}}.user_balances WHERE user_id = ? AND asset_id = ?"
     ),
     "load_user": (
-        f"SELECT {_BALANCE_COLUMNS}, applied FROM {{ks}}.user_balances WHERE user_id = ?"
+        f"SELECT {_BALANCE_COLUMNS}, lineage FROM {{ks}}.user_balances WHERE user_id = ?"
     ),
     "write_balance": (
         "INSERT INTO {ks}.user_balances (user_id, asset_id, available, frozen, version,"
-        " updated_at, applied) VALUES (?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ?"
+        " updated_at, lineage) VALUES (?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ?"
     ),
     "write_trade": (
         "INSERT INTO {ks}.trades (bucket, trade_id, symbol, buy_order_id, sell_order_id,"
@@ -74,14 +84,40 @@ _CQL: Final = {
         " digest, source) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ?"
     ),
     "claims": (
-        "SELECT event_id, digest, source FROM {ks}.id_claims"
+        "SELECT event_id, digest, source, epoch, batch_no, rows_applied FROM {ks}.id_claims"
         " WHERE kind = ? AND bucket = ? AND event_id >= ? AND event_id <= ?"
     ),
     "write_claim": (
-        "INSERT INTO {ks}.id_claims (kind, bucket, event_id, digest, source)"
+        "INSERT INTO {ks}.id_claims (kind, bucket, event_id, digest, source, epoch, batch_no,"
+        " rows_applied) VALUES (?, ?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ?"
+    ),
+    "progress": (
+        "SELECT name, stream, position, epoch FROM {ks}.progress WHERE scope = ?"
+    ),
+    "write_progress": (
+        "INSERT INTO {ks}.progress (scope, name, stream, position, epoch)"
         " VALUES (?, ?, ?, ?, ?) USING TIMESTAMP ?"
     ),
 }
+
+# What a batch costs on the wire, estimated from its values (CQL's batch size limits
+# count the mutations' data): a balance row, a trade record, a balance-event record and a
+# claim, plus per-character costs of the strings they carry.
+ROW_BYTES: Final = 64
+LINEAGE_ENTRY_BYTES: Final = 16
+TRADE_RECORD_BYTES: Final = 190
+BALANCE_RECORD_BYTES: Final = 80
+SOURCE_CHAR_BYTES: Final = 1
+
+
+def estimated_bytes(writes: Iterable[Write], rows: int, lineage_entries: int = 1) -> int:
+    """The approximate size of one settlement batch holding these events' records and
+    `rows` balance rows (a cheap, slightly pessimistic estimate used to bound batches)."""
+    size = rows * (ROW_BYTES + LINEAGE_ENTRY_BYTES * lineage_entries)
+    for write in writes:
+        record = TRADE_RECORD_BYTES if isinstance(write.event, Trade) else BALANCE_RECORD_BYTES
+        size += record + len(write.claim.source) * SOURCE_CHAR_BYTES
+    return size
 
 
 class SettlementDb:
@@ -131,45 +167,58 @@ class SettlementDb:
 
     # -- the worker's reads ----------------------------------------------------------------
 
-    async def load_user(self, user_id: int) -> dict[int, StoredRow]:
-        """All rows of one user with their applied offsets (one partition read)."""
+    async def load_user(self, user_id: int) -> dict[int, Row]:
+        """All rows of one user with their lineage (one partition read)."""
         rows = cql.rows_of(await self.run(self._prepared["load_user"], (user_id,)))
         return {
-            asset_id: StoredRow(
-                Balance(available, frozen, version, updated_at), dict(applied or {})
-            )
-            for asset_id, available, frozen, version, updated_at, applied in rows
+            asset_id: Row(available, frozen, version, updated_at, dict(lineage or {}))
+            for asset_id, available, frozen, version, updated_at, lineage in rows
         }
 
-    async def settled(self, is_trade: bool, bucket: int, low: int, high: int
-                      ) -> list[SettledRecord]:
+    async def claims(self, is_trade: bool, bucket: int, low: int, high: int) -> list[Claim]:
         """Claimed ids between low and high (inclusive) inside one id bucket."""
         rows = cql.rows_of(await self.run(
             self._prepared["claims"], (_claim_kind(is_trade), bucket, low, high)))
-        return [SettledRecord(event_id, digest, source) for event_id, digest, source in rows]
+        return [
+            Claim(event_id, digest, source, epoch or 0, batch or 0, rows_applied or 0)
+            for event_id, digest, source, epoch, batch, rows_applied in rows
+        ]
 
-    def claims_batch(self, writes: Sequence[Write], *, timestamp: int) -> BatchStatement:
-        """The id claims of these events as one UNLOGGED batch (each claim is idempotent and
-        they share one or two partitions). Re-written on every write of an event, so a
-        late-landing older claim can never win over the latest writer's."""
-        batch = BatchStatement(BatchType.UNLOGGED)
-        statement = self._prepared["write_claim"]
-        for write in writes:
-            is_trade = isinstance(write.event, Trade)
-            event_id = write.event.event_id
-            batch.add(statement, (_claim_kind(is_trade), id_bucket(event_id), event_id,
-                                  write.digest, str(write.position), timestamp))
-        return batch
+    async def progress(self) -> Progress:
+        rows = cql.rows_of(await self.run(self._prepared["progress"], (PROGRESS_SCOPE,)))
+        kinds: dict[str, dict[str, int]] = {"frontier": {}, "committed": {}, "resolved": {}}
+        epoch = 0
+        for name, stream, position, row_epoch in rows:
+            if name == "resolved" and stream == "":
+                epoch = row_epoch or 0
+            elif name in kinds and position is not None:
+                kinds[name][stream] = position
+        return Progress(kinds["frontier"], kinds["committed"],
+                        Resolved(epoch, kinds["resolved"]) if epoch else Resolved())
 
     # -- the write path --------------------------------------------------------------------
 
-    def settlement_batch(
-        self,
-        writes: Sequence[Write],
-        *,
-        fee_account: int,
-        timestamp: int,
-    ) -> BatchStatement:
+    def claims_batch(self, writes: Sequence[Write], frontier: Mapping[str, int], *,
+                     timestamp: int) -> BatchStatement:
+        """The id claims of these events, plus the writer's frontier for their input
+        partitions, as one UNLOGGED batch (each write is idempotent). Sent and acknowledged
+        before any batch carrying these events' effects, so a row can only include an
+        event whose claim and frontier are durable."""
+        batch = BatchStatement(BatchType.UNLOGGED)
+        statement = self._prepared["write_claim"]
+        for write in writes:
+            claim = write.claim
+            is_trade = isinstance(write.event, Trade)
+            batch.add(statement, (_claim_kind(is_trade), id_bucket(claim.event_id),
+                                  claim.event_id, claim.digest, claim.source, claim.epoch,
+                                  claim.batch, claim.rows_applied, timestamp))
+        progress = self._prepared["write_progress"]
+        for stream, position in frontier.items():
+            batch.add(progress, (PROGRESS_SCOPE, "frontier", stream, position, None, timestamp))
+        return batch
+
+    def settlement_batch(self, images: Sequence[RowImage], writes: Sequence[Write], *,
+                         fee_account: int, timestamp: int) -> BatchStatement:
         """ONE LOGGED batch: the record of each event plus the final absolute value of each
         row they touch (a row touched by several of them is written once, last value).
 
@@ -177,25 +226,17 @@ class SettlementDb:
         batch after a timeout rewrites identical cells and cannot undo a later batch.
         """
         batch = BatchStatement(BatchType.LOGGED)
-        rows: dict[tuple[int, int], RowWrite] = {}
-        for write in writes:
-            for row in write.rows:
-                rows[(row.user_id, row.asset_id)] = row
         write_balance = self._prepared["write_balance"]
-        for row in rows.values():
-            b = row.balance
-            batch.add(
-                write_balance,
-                (row.user_id, row.asset_id, b.available, b.frozen, b.version, b.updated_at,
-                 row.applied, timestamp),
-            )
+        for row in images:
+            batch.add(write_balance, (row.user_id, row.asset_id, row.available, row.frozen,
+                                      row.version, row.updated_at, row.lineage, timestamp))
         for write in writes:
             self._add_record(batch, write, fee_account, timestamp)
         return batch
 
     def _add_record(self, batch: BatchStatement, write: Write, fee_account: int,
                     timestamp: int) -> None:
-        event, digest, source = write.event, write.digest, str(write.position)
+        event, digest, source = write.event, write.digest, write.claim.source
         if isinstance(event, Trade):
             batch.add(self._prepared["write_trade"], (
                 id_bucket(event.trade_id), event.trade_id, event.symbol, event.buy_order_id,
@@ -210,3 +251,15 @@ class SettlementDb:
                 id_bucket(event.event_id), event.event_id, kind(event), event.user_id,
                 event.asset_id, event.amount, event.ts, digest, source, timestamp,
             ))
+
+    def progress_batch(self, name: str, positions: Mapping[str, int], *, timestamp: int,
+                       epoch: int | None = None) -> BatchStatement:
+        """Progress records of one kind, in the writer's single progress partition (a
+        single-partition batch is applied atomically and in isolation)."""
+        batch = BatchStatement(BatchType.UNLOGGED)
+        statement = self._prepared["write_progress"]
+        if epoch is not None:
+            batch.add(statement, (PROGRESS_SCOPE, name, "", None, epoch, timestamp))
+        for stream, position in positions.items():
+            batch.add(statement, (PROGRESS_SCOPE, name, stream, position, None, timestamp))
+        return batch

@@ -127,7 +127,7 @@ async def _partitions(settings: Settings) -> list[TopicPartition]:
 @dataclass(frozen=True)
 class Listing:
     letters: list[DeadLetter]
-    total: int  # records the topic holds (all partitions), matching or not
+    total: int  # committed records the topic holds (all partitions), matching or not
 
 
 async def read(settings: Settings, *, limit: int | None = None, reason: str | None = None
@@ -139,20 +139,27 @@ async def read(settings: Settings, *, limit: int | None = None, reason: str | No
         tps = await _partitions(settings)
         starts = await consumer.beginning_offsets(tps)
         ends = await consumer.end_offsets(tps)
-        total = sum(ends[tp] - starts[tp] for tp in tps)
         consumer.assign(tps)
         for tp in tps:
             consumer.seek(tp, starts[tp])
         letters: list[DeadLetter] = []
+        # Read to the end even past `limit`: dead letters are written in transactions, so
+        # offsets also count commit markers and aborted records; only reading counts them.
+        total = 0
         pending = {tp for tp in tps if ends[tp] > starts[tp]}
         idle = 0
-        while pending and (limit is None or len(letters) < limit) and idle < IDLE_FETCHES:
+        while pending and idle < IDLE_FETCHES:
             batch = await consumer.getmany(*pending, timeout_ms=FETCH_TIMEOUT_MS)
             idle = 0 if batch else idle + 1
             for tp, records in batch.items():
                 for record in records:
-                    if record.offset < ends[tp] and (reason is None or _reason(record) == reason):
+                    if record.offset >= ends[tp]:
+                        continue
+                    total += 1
+                    if (reason is None or _reason(record) == reason) and (
+                            limit is None or len(letters) < limit):
                         letters.append(DeadLetter.of(record))
+            for tp in list(pending):
                 if await consumer.position(tp) >= ends[tp]:
                     pending.discard(tp)
         letters.sort(key=lambda letter: (letter.partition, letter.offset))

@@ -61,6 +61,27 @@ def producer(settings: Settings, **overrides: Any) -> AIOKafkaProducer:
     return AIOKafkaProducer(**options)
 
 
+REBALANCE_TIMEOUT_MS = 60_000
+"""How long the group waits for members during a rebalance: longer than the writer's
+revoke drain (settler.worker.session.REVOKE_DRAIN_S)."""
+
+
+def transactional_id(settings: Settings) -> str:
+    """One id for the writer role of a keyspace and group: a new writer's producer
+    fences every former writer's (Kafka refuses their transactions)."""
+    return f"settler.{settings.keyspace}.{settings.group_id}"
+
+
+def writer_consumer(settings: Settings) -> AIOKafkaConsumer:
+    return consumer(settings, rebalance_timeout_ms=REBALANCE_TIMEOUT_MS)
+
+
+def writer_producer(settings: Settings) -> AIOKafkaProducer:
+    """Transactional: dead letters and the group's offsets are committed together."""
+    return producer(settings, transactional_id=transactional_id(settings),
+                    max_request_size=settings.kafka_max_request_bytes)
+
+
 def dead_letter_headers(original: Any, reason: str, source: str, detail: str
                         ) -> list[tuple[str, bytes]]:
     """The original headers plus why and where from (SPEC §4)."""

@@ -3,21 +3,26 @@
 Balances are absolute values computed in one process's memory, so exactly one worker
 per keyspace may write. The lease is one row taken and renewed with lightweight
 transactions (a single partition, so LWT applies). A worker that cannot take it waits
-as a standby. Fencing does not depend on clocks agreeing: the holder never uses a write
-timestamp above the `ts_ceiling` it has recorded in the lease, and a new holder starts
-above the previous ceiling, so late writes of a stalled former holder always lose.
+as a standby. Every writer session has its own epoch (taking the lease, or starting a
+new session while holding it, raises the epoch by one).
+
+"Valid" is this worker's own, clock-skew tolerant view: the lease is valid until
+`VALID_SHARE` of the TTL after the last successful renewal was *sent*; another worker
+takes it only after the full TTL by its own clock (and then waits out the takeover wait
+before it reads anything). Fencing does not depend on clocks agreeing: the holder never
+uses a write timestamp above the `ts_ceiling` it has recorded in the lease, and a new
+holder starts above the previous ceiling, so late writes of a stalled former holder
+always lose.
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
 import socket
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from cassandra import ConsistencyLevel
 from cassandra.cluster import Session
@@ -26,6 +31,9 @@ from cassandra.query import PreparedStatement
 from settler import cql
 
 LEASE_NAME: Final = "writer"
+VALID_SHARE: Final = 0.8
+"""The share of the TTL, from sending a renewal, during which this worker writes: the
+rest is the margin for clock skew between hosts and the renewal's own latency."""
 
 _CQL: Final = {
     "read": "SELECT owner, epoch, expires_at, ts_ceiling FROM {ks}.writer_lease WHERE name = ?",
@@ -39,6 +47,10 @@ _CQL: Final = {
     ),
     "renew": (
         "UPDATE {ks}.writer_lease SET expires_at = ?, ts_ceiling = ?"
+        " WHERE name = ? IF owner = ? AND epoch = ?"
+    ),
+    "rotate": (
+        "UPDATE {ks}.writer_lease SET epoch = ?, expires_at = ?, ts_ceiling = ?"
         " WHERE name = ? IF owner = ? AND epoch = ?"
     ),
     "release": (
@@ -60,27 +72,47 @@ class Holder:
     ts_ceiling: int
 
 
-def _now_us() -> int:
-    return time.time_ns() // 1000
+class Clock(Protocol):
+    """Time as the lease needs it (a simulation supplies a virtual, skewed one)."""
+
+    def monotonic(self) -> float: ...
+
+    def wall_us(self) -> int: ...
 
 
-def new_owner_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+class SystemClock:
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    def wall_us(self) -> int:
+        return time.time_ns() // 1000
 
 
-class WriterLease:
-    def __init__(self, session: Session, *, ttl_s: float, owner: str | None = None,
-                 name: str = LEASE_NAME) -> None:
+class LeaseTable(Protocol):
+    """The lease row's lightweight transactions. Each returns whether it was applied, or
+    raises (a timeout leaves the outcome unknown: the caller reads the row again)."""
+
+    async def read(self) -> Holder | None: ...
+
+    async def create(self, owner: str, expires_ms: int, ceiling: int) -> bool: ...
+
+    async def take(self, owner: str, epoch: int, expires_ms: int, ceiling: int,
+                   expected_epoch: int) -> bool: ...
+
+    async def renew(self, owner: str, epoch: int, expires_ms: int, ceiling: int) -> bool: ...
+
+    async def rotate(self, owner: str, epoch: int, new_epoch: int, expires_ms: int,
+                     ceiling: int) -> bool: ...
+
+    async def release(self, owner: str, epoch: int, ceiling: int) -> bool: ...
+
+
+class CqlLeaseTable:
+    """`LeaseTable` over the keyspace's writer_lease row (QUORUM writes, SERIAL reads)."""
+
+    def __init__(self, session: Session, name: str = LEASE_NAME) -> None:
         self.session = session
-        self.owner = owner or new_owner_id()
         self.name = name
-        self.ttl_s = ttl_s
-        self.epoch = 0
-        self._ceiling = 0
-        self._last_ts = 0
-        self._valid_until = 0.0  # monotonic deadline of our own right to write
-        self.took_over_expired = False  # the previous holder died instead of releasing
-        self._lost = asyncio.Event()
         self._statements: dict[str, PreparedStatement] = {}
         for key, text in _CQL.items():
             statement = session.prepare(text.format(ks=session.keyspace))
@@ -88,8 +120,6 @@ class WriterLease:
             statement.serial_consistency_level = ConsistencyLevel.SERIAL
             self._statements[key] = statement
         self._statements["read"].consistency_level = ConsistencyLevel.SERIAL
-
-    # -- taking it ------------------------------------------------------------------------
 
     async def read(self) -> Holder | None:
         rows = cql.rows_of(await cql.run(self.session, self._statements["read"], (self.name,)))
@@ -99,48 +129,90 @@ class WriterLease:
         owner, epoch, expires_at, ceiling = row
         return Holder(owner, epoch or 0, expires_at or 0, ceiling or 0)
 
+    async def create(self, owner: str, expires_ms: int, ceiling: int) -> bool:
+        return await self._lwt("create", (self.name, owner, expires_ms, ceiling))
+
+    async def take(self, owner: str, epoch: int, expires_ms: int, ceiling: int,
+                   expected_epoch: int) -> bool:
+        return await self._lwt("take", (owner, epoch, expires_ms, ceiling, self.name,
+                                        expected_epoch))
+
+    async def renew(self, owner: str, epoch: int, expires_ms: int, ceiling: int) -> bool:
+        return await self._lwt("renew", (expires_ms, ceiling, self.name, owner, epoch))
+
+    async def rotate(self, owner: str, epoch: int, new_epoch: int, expires_ms: int,
+                     ceiling: int) -> bool:
+        return await self._lwt("rotate", (new_epoch, expires_ms, ceiling, self.name, owner,
+                                          epoch))
+
+    async def release(self, owner: str, epoch: int, ceiling: int) -> bool:
+        return await self._lwt("release", (ceiling, self.name, owner, epoch))
+
+    async def _lwt(self, key: str, parameters: tuple[Any, ...]) -> bool:
+        rows = cql.rows_of(await cql.run(self.session, self._statements[key], parameters))
+        first = next(iter(rows), None)
+        return bool(first is not None and first[0])
+
+
+def new_owner_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+class WriterLease:
+    """This worker's hold on the lease: taking it, renewing it, and the write timestamps
+    it allows. Policy (when to renew, what to do when it lapses) is the worker's."""
+
+    def __init__(self, table: LeaseTable, *, ttl_s: float, clock: Clock | None = None,
+                 owner: str | None = None) -> None:
+        self.table = table
+        self.clock = clock or SystemClock()
+        self.owner = owner or new_owner_id()
+        self.ttl_s = ttl_s
+        self.epoch = 0
+        self.held = False
+        self._ceiling = 0
+        self._last_ts = 0
+        self._valid_until = 0.0  # monotonic deadline of our own right to write
+        self.took_over_expired = False  # the previous holder died instead of releasing
+        self.behind_us = 0  # how far a former holder's timestamps ran ahead of our clock
+
+    # -- taking it ------------------------------------------------------------------------
+
     async def try_acquire(self) -> Holder | None:
         """Take the lease if it is free or expired. Returns None on success, else the
         current holder."""
-        holder = await self.read()
-        now_ms, now_us, started = int(time.time() * 1000), _now_us(), time.monotonic()
+        holder = await self.table.read()
+        now_us, started = self.clock.wall_us(), self.clock.monotonic()
+        now_ms = now_us // 1000
         if holder is not None and holder.owner is not None and holder.expires_at_ms > now_ms:
             return holder
         floor = max(now_us, (holder.ts_ceiling + 1) if holder else 0)
         ceiling = floor + self._ceiling_span_us()
         expires = now_ms + int(self.ttl_s * 1000)
-        if holder is None:
-            result = await self._lwt("create", (self.name, self.owner, expires, ceiling))
-            epoch = 1
-        else:
-            epoch = holder.epoch + 1
-            result = await self._lwt(
-                "take", (self.owner, epoch, expires, ceiling, self.name, holder.epoch)
-            )
-        if not result:
-            return await self.read() or Holder(None, 0, 0, 0)
-        self.epoch, self._ceiling, self._last_ts = epoch, ceiling, floor - 1
-        self.took_over_expired = holder is not None and holder.owner is not None
-        self._valid_until = started + self.ttl_s * 0.8
-        self._lost.clear()
-        return None
-
-    async def acquire(self, on_standby: Callable[[Holder], None], poll_s: float = 1.0,
-                      on_error: Callable[[BaseException], None] | None = None) -> None:
-        """Wait, as a standby, until this worker holds the lease."""
-        while True:
-            try:
-                holder = await self.try_acquire()
-            except Exception as exc:
-                if not cql.is_transient(exc):
-                    raise
-                if on_error:
-                    on_error(exc)
-                holder = Holder("unknown (database unavailable)", 0, 0, 0)
+        epoch = 1 if holder is None else holder.epoch + 1
+        try:
             if holder is None:
-                return
-            on_standby(holder)
-            await asyncio.sleep(poll_s)
+                applied = await self.table.create(self.owner, expires, ceiling)
+            else:
+                applied = await self.table.take(self.owner, epoch, expires, ceiling,
+                                                holder.epoch)
+        except Exception as exc:
+            if not cql.is_transient(exc):
+                raise
+            # A timed-out LWT may have been applied: the row says whose the lease is.
+            current = await self.table.read()
+            applied = current is not None and (current.owner, current.epoch) == (
+                self.owner, epoch)
+            if not applied:
+                raise
+        if not applied:
+            return await self.table.read() or Holder(None, 0, 0, 0)
+        self.epoch, self._ceiling, self._last_ts = epoch, ceiling, floor - 1
+        self.behind_us = max(0, floor - now_us)
+        self.took_over_expired = holder is not None and holder.owner is not None
+        self._valid_until = started + self.ttl_s * VALID_SHARE
+        self.held = True
+        return None
 
     # -- holding it -----------------------------------------------------------------------
 
@@ -148,44 +220,68 @@ class WriterLease:
         return int((self.ttl_s + 1.0) * 1_000_000)
 
     async def renew(self) -> bool:
-        """Extend the lease. False: another worker took it. Raises on database errors."""
-        started = time.monotonic()
-        ceiling = max(self._ceiling, _now_us() + self._ceiling_span_us())
-        expires = int(time.time() * 1000) + int(self.ttl_s * 1000)
-        applied = await self._lwt(
-            "renew", (expires, ceiling, self.name, self.owner, self.epoch)
-        )
+        """Extend the lease. False: another worker took it (this one must stop writing at
+        once). Raises on database errors, outcome unknown: validity then lapses by itself
+        unless a later renewal succeeds."""
+        started = self.clock.monotonic()
+        now_us = self.clock.wall_us()
+        # From our clock or from where our timestamps already are, whichever is later, so
+        # a former holder's clock far ahead cannot leave us without timestamps.
+        ceiling = max(self._ceiling, max(now_us, self._last_ts) + self._ceiling_span_us())
+        expires = now_us // 1000 + int(self.ttl_s * 1000)
+        applied = await self.table.renew(self.owner, self.epoch, expires, ceiling)
         if not applied:
-            self._lost.set()
+            self.held = False
             self._valid_until = 0.0
             return False
         self._ceiling = ceiling
-        self._valid_until = started + self.ttl_s * 0.8
+        self._valid_until = started + self.ttl_s * VALID_SHARE
+        self.behind_us = max(0, self._last_ts - now_us)
         return True
 
-    async def keep(self, on_error: Callable[[BaseException], None]) -> None:
-        """Renew every third of the lifetime until lost or cancelled."""
-        while not self._lost.is_set():
-            await asyncio.sleep(self.ttl_s / 3 if self.valid else 0.5)
-            try:
-                await self.renew()
-            except Exception as exc:  # noqa: BLE001 - any failure: the lease lapses by itself
-                on_error(exc)
+    async def rotate(self) -> None:
+        """A new writer session under the same hold: the next epoch. Raises LeaseLost if the
+        lease is no longer ours."""
+        started = self.clock.monotonic()
+        now_us = self.clock.wall_us()
+        ceiling = max(self._ceiling, max(now_us, self._last_ts) + self._ceiling_span_us())
+        expires = now_us // 1000 + int(self.ttl_s * 1000)
+        try:
+            applied = await self.table.rotate(self.owner, self.epoch, self.epoch + 1, expires,
+                                              ceiling)
+        except Exception as exc:
+            if not cql.is_transient(exc):
+                raise
+            current = await self.table.read()
+            applied = current is not None and (current.owner, current.epoch) == (
+                self.owner, self.epoch + 1)
+            if not applied and current is not None and (current.owner, current.epoch) == (
+                    self.owner, self.epoch):
+                raise  # not applied: try again
+        if not applied:
+            self.held = False
+            self._valid_until = 0.0
+            raise LeaseLost(f"the lease is no longer held by {self.owner}")
+        self.epoch += 1
+        self._ceiling = ceiling
+        self._valid_until = started + self.ttl_s * VALID_SHARE
 
     @property
     def valid(self) -> bool:
-        return not self._lost.is_set() and time.monotonic() < self._valid_until
+        return self.held and self.clock.monotonic() < self._valid_until
 
     @property
-    def lost(self) -> asyncio.Event:
-        return self._lost
+    def valid_until(self) -> float:
+        """Monotonic time at which validity lapses unless renewed."""
+        return self._valid_until if self.held else 0.0
 
     def next_timestamp(self) -> int | None:
         """A write timestamp (µs) above every earlier one of this and former holders, or
-        None while this worker may not write (lease not renewed in time)."""
+        None while this worker may not write (lease not valid, or ceiling reached until
+        the next renewal)."""
         if not self.valid:
             return None
-        ts = max(_now_us(), self._last_ts + 1)
+        ts = max(self.clock.wall_us(), self._last_ts + 1)
         if ts > self._ceiling:
             return None
         self._last_ts = ts
@@ -193,12 +289,8 @@ class WriterLease:
 
     async def release(self) -> None:
         """Give the lease up so a standby takes over at once; keeps the fencing ceiling."""
-        if self.epoch == 0 or self._lost.is_set():
+        if not self.held:
             return
-        self._lost.set()
-        await self._lwt("release", (self._last_ts, self.name, self.owner, self.epoch))
-
-    async def _lwt(self, key: str, parameters: tuple[Any, ...]) -> bool:
-        rows = cql.rows_of(await cql.run(self.session, self._statements[key], parameters))
-        first = next(iter(rows), None)
-        return bool(first is not None and first[0])
+        self.held = False
+        # No write of ours will ever carry a later timestamp than the last one issued.
+        await self.table.release(self.owner, self.epoch, self._last_ts)

@@ -1,16 +1,21 @@
 """The single writer's memory, and the decision of what each event writes. No I/O here.
 
-`Ledger.plan(event, position)` turns a decoded event at a Kafka position into a `Plan`:
-skip it (duplicate), reject it (dead letter), or write these absolute rows plus the
-event's record in one batch. The worker loads what planning needs first (balance rows of
-the users involved, claims of ids it does not remember) and tells the ledger
-when a batch is durable, so nothing it still needs is evicted.
+`Ledger.plan(event, effect, position)` turns a decoded event at a Kafka position into a
+`Plan`: skip it (duplicate), reject it (dead letter), or apply it to the balance rows that
+lack it, inside the open group. `Ledger.seal()` closes the group: the final values of the
+rows it touched plus the events' records and claims, which become one LOGGED batch
+(preceded by the claims). The worker loads what planning needs first (balance rows of the
+users involved, claims of ids it does not remember) and tells the ledger when a group is
+durable, so nothing it still needs is evicted.
 
-Why this is exactly once (ARCHITECTURE.md has the long form): every balance row carries,
-per input partition, the highest offset whose effect it includes; events of a partition
-are planned in offset order, so "row includes (partition, offset)" is a comparison.
-Re-planning an event at its own position applies it only to rows that lack it. An id
-seen before at another position is a duplicate (same digest) or a conflict.
+Why this is exactly once (ARCHITECTURE.md "Why exactly once" has the long form): each
+writer session has an epoch; its groups are numbered in planning order. A row remembers,
+per recent epoch, the group that last wrote it (`lineage`); an id's claim remembers the
+epoch and group that planned it and which of its rows it changed then (`rows_applied`).
+Memory is cumulative, so a row written by group b of epoch e includes every event that
+epoch applied to it in a group <= b. That decides, after any crash, whether a stored row
+already includes an event: see `_includes`. Rows are mutated in place while planning and
+copied once per sealed group.
 """
 
 from __future__ import annotations
@@ -21,10 +26,10 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from itertools import islice
 
-from settler.amounts import AmountError
+from settler.amounts import AmountError, checked_int64
 from settler.events import Event, Reason, Rejected, Trade, digest
 from settler.registry import Registry
-from settler.settlement import EMPTY_BALANCE, Balance, Effect, RowKey, apply, effect_of
+from settler.settlement import Effect, RowKey, effect_of
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,36 +42,66 @@ class Position:
 
     @property
     def stream(self) -> str:
-        """The key of this partition in each row's `applied` map."""
+        """The name of this input partition in progress records ("topic:partition")."""
         return f"{self.topic}:{self.partition}"
 
     def __str__(self) -> str:
         return f"{self.topic}:{self.partition}:{self.offset}"
 
 
+def parse_source(source: str) -> Position:
+    topic, partition, offset = source.rsplit(":", 2)
+    return Position(topic, int(partition), int(offset))
+
+
+@dataclass(slots=True)
+class Row:
+    """One balance row in memory (mutable: planning updates it in place).
+
+    `lineage` maps a writer epoch to the group of that epoch that last wrote the row;
+    only epochs that may still hold an unfinished event are kept (see `Resolved`)."""
+
+    available: int
+    frozen: int
+    version: int
+    updated_at: int
+    lineage: dict[int, int]
+
+    @property
+    def is_negative(self) -> bool:
+        return self.available < 0 or self.frozen < 0
+
+
 @dataclass(frozen=True, slots=True)
-class StoredRow:
-    """A balance row as the worker needs it: values plus per-partition applied offsets."""
-
-    balance: Balance
-    applied: Mapping[str, int]
-
-
-@dataclass(frozen=True, slots=True)
-class SettledRecord:
-    """What id_claims knows about one id: the position that owns it and its digest."""
+class Claim:
+    """What id_claims says of one id: the position that owns it, its content digest, and
+    the epoch and group that last planned it, with the rows it changed then (a bit per
+    row, in the order of `row_keys`)."""
 
     event_id: int
     digest: bytes
     source: str
+    epoch: int
+    batch: int
+    rows_applied: int
 
 
 @dataclass(frozen=True, slots=True)
-class RowWrite:
-    user_id: int
-    asset_id: int
-    balance: Balance
-    applied: Mapping[str, int]
+class Resolved:
+    """Durable knowledge that old events are complete: every event whose latest claim is
+    from an epoch below `epoch`, at a position below `offsets` of its partition, is
+    applied to all its rows and recorded. Rows need no lineage for epochs below `epoch`."""
+
+    epoch: int = 0
+    offsets: Mapping[str, int] = field(default_factory=dict)
+
+    def covers(self, claim: Claim, position: Position) -> bool:
+        return claim.epoch < self.epoch and position.offset < self.offsets.get(
+            position.stream, 0)
+
+
+class ReplanInFlight(AssertionError):
+    """An event re-read in the session that planned it, before that plan was durable."""
 
 
 class Outcome(StrEnum):
@@ -95,17 +130,18 @@ class Reject:
         return Outcome.CONFLICT if self.reason is Reason.CONFLICTING_DUPLICATE else Outcome.INVALID
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Write:
-    """One LOGGED batch: `rows` (absolute values) plus the event's record."""
+    """An event planned into the open group: its record and claim go into the group's
+    batches, and `rows` are the rows it changed (the rest already included it)."""
 
     event: Event
     position: Position
-    rows: tuple[RowWrite, ...]
     digest: bytes
     cost: int
+    claim: Claim
+    rows: tuple[RowKey, ...]
     negative_rows: tuple[RowKey, ...]
-    users: frozenset[int]
 
     @property
     def outcome(self) -> Outcome:
@@ -116,9 +152,44 @@ class Write:
 Plan = Skip | Reject | Write
 
 
+@dataclass(frozen=True, slots=True)
+class RowImage:
+    """A row's values as one sealed group writes them (a copy, safe from later planning)."""
+
+    user_id: int
+    asset_id: int
+    available: int
+    frozen: int
+    version: int
+    updated_at: int
+    lineage: dict[int, int]
+
+
+@dataclass(slots=True)
+class Group:
+    """Consecutive planned events that share one write: a row touched by several of them
+    is written once, with its final value."""
+
+    epoch: int
+    batch: int
+    writes: list[Write] = field(default_factory=list)
+    touched: dict[RowKey, Row] = field(default_factory=dict)
+    users: set[int] = field(default_factory=set)
+    images: tuple[RowImage, ...] = ()  # set by `Ledger.seal`
+
+    def __len__(self) -> int:
+        return len(self.writes)
+
+    def images_for(self, writes: Iterable[Write]) -> list[RowImage]:
+        """The sealed images of the rows these writes changed (for a split batch: each
+        part carries its own events' rows, at the group's final values)."""
+        wanted = {key for write in writes for key in write.rows}
+        return [image for image in self.images if (image.user_id, image.asset_id) in wanted]
+
+
 @dataclass(slots=True)
 class _User:
-    rows: dict[int, StoredRow]
+    rows: dict[int, Row]
     pins: int = 0
 
 
@@ -126,22 +197,33 @@ class _User:
 class _Seen:
     digest: bytes
     source: str
+    claim: Claim | None  # the claim as read from the database, None if first seen here
+    planned: bool = False  # planned in this session: memory includes it everywhere
     pins: int = 0
     recorded: bool = False  # this session made its record durable
 
 
-@dataclass
+def row_keys(effect: Effect) -> list[RowKey]:
+    """The rows an event touches, in the order the bits of `rows_applied` refer to."""
+    return sorted(effect.deltas)
+
+
 class Ledger:
     """Balance rows and recently settled ids of the single writer, bounded in size."""
 
-    registry: Registry
-    max_rows: int
-    max_ids: int
-    _users: OrderedDict[int, _User] = field(default_factory=OrderedDict)
-    _rows: int = 0
-    _seen: dict[bool, OrderedDict[int, _Seen]] = field(
-        default_factory=lambda: {True: OrderedDict(), False: OrderedDict()}
-    )
+    def __init__(self, registry: Registry, max_rows: int, max_ids: int, *, epoch: int = 1,
+                 resolved: Resolved | None = None) -> None:
+        self.registry = registry
+        self.max_rows = max_rows
+        self.max_ids = max_ids
+        self.epoch = epoch
+        self.resolved = resolved or Resolved()
+        self._users: OrderedDict[int, _User] = OrderedDict()
+        self._rows = 0
+        self._seen: dict[bool, OrderedDict[int, _Seen]] = {True: OrderedDict(),
+                                                           False: OrderedDict()}
+        self._next_batch = 1
+        self.group = Group(epoch, self._next_batch)
 
     # -- what planning needs loaded --------------------------------------------------------
 
@@ -149,34 +231,39 @@ class Ledger:
         return effect_of(event, self.registry)
 
     def missing_users(self, effects: Iterable[Effect]) -> set[int]:
-        return {
-            user for effect in effects for user, _ in effect.deltas if user not in self._users
-        }
+        users = self._users
+        return {user for effect in effects for user, _ in effect.deltas if user not in users}
 
-    def add_user(self, user_id: int, rows: dict[int, StoredRow]) -> None:
+    def add_user(self, user_id: int, rows: dict[int, Row]) -> None:
         if user_id in self._users:
             return  # what memory has is newer than the database's copy
         self._users[user_id] = _User(rows)
         self._rows += max(1, len(rows))
 
     def unknown_ids(self, events: Iterable[Event]) -> list[tuple[bool, int]]:
+        seen = self._seen
         return [
             (is_trade, event_id)
             for event in events
             for is_trade, event_id in [_id_of(event)]
-            if event_id not in self._seen[is_trade]
+            if event_id not in seen[is_trade]
         ]
 
-    def add_settled(self, is_trade: bool, records: Iterable[SettledRecord]) -> None:
+    def add_claims(self, is_trade: bool, claims: Iterable[Claim]) -> None:
         seen = self._seen[is_trade]
-        for record in records:
-            if record.event_id not in seen:
-                seen[record.event_id] = _Seen(record.digest, record.source)
+        for claim in claims:
+            if claim.event_id not in seen:
+                seen[claim.event_id] = _Seen(claim.digest, claim.source, claim)
+
+    def advance_resolved(self, resolved: Resolved) -> None:
+        """`resolved` is durable now: later writes drop lineage of older epochs."""
+        self.resolved = resolved
 
     # -- planning --------------------------------------------------------------------------
 
     def plan(self, event: Event, effect: Effect | Rejected, position: Position) -> Plan:
-        """Decide what `event` at `position` does, and update memory as if it will land."""
+        """Decide what `event` at `position` does; a Write is applied to memory and added
+        to the open group at once."""
         is_trade, event_id = _id_of(event)
         fingerprint = digest(event)
         source = str(position)
@@ -190,71 +277,128 @@ class Ledger:
             )
         if isinstance(effect, Rejected):
             return Reject(effect.reason, effect.detail)
+        if prior is not None:
+            if prior.recorded:
+                return Skip(Outcome.DUPLICATE)  # a re-read of a record this session settled
+            if prior.planned:
+                # Its first plan is still in flight: a record-only re-plan could land and
+                # settle the position while the batch carrying the effect is later lost.
+                # The rebalance rule makes this impossible; refuse rather than lose money.
+                raise ReplanInFlight(f"{source} re-read while its first plan is in flight")
+            if prior.claim is not None and self.resolved.covers(prior.claim, position):
+                return Skip(Outcome.DUPLICATE)  # complete before an earlier epoch ended
+        keys = row_keys(effect)
         try:
-            rows = self._new_rows(effect, position)
+            changed, mask = self._apply(effect, keys, prior)
         except AmountError as exc:
             return Reject(exc.reason, exc.detail)
-        if not rows and prior is not None and prior.recorded:
-            return Skip(Outcome.DUPLICATE)  # a re-read of a record this session settled
-        # Otherwise write, even with no row left to change: a crashed writer's later batch
-        # may have carried this event's effect while the batch with its record was lost,
-        # so the record (and claim) are written again; a replay from old offsets pays that.
-        # Commit the new values to memory only now that every row computed cleanly.
-        users = frozenset(row.user_id for row in rows)
-        for row in rows:
-            self._put(row)
-        for user in users:
-            self._users[user].pins += 1
-        seen = self._seen[is_trade].get(event_id)
-        if seen is None:
-            seen = self._seen[is_trade][event_id] = _Seen(fingerprint, source)
-        seen.pins += 1
-        return Write(
-            event=event,
-            position=position,
-            rows=tuple(rows),
-            digest=fingerprint,
-            cost=effect.cost,
-            negative_rows=tuple(
-                (row.user_id, row.asset_id) for row in rows if row.balance.is_negative
-            ),
-            users=users,
+        group = self.group
+        if prior is None:
+            prior = self._seen[is_trade][event_id] = _Seen(fingerprint, source, None)
+        # This plan decides the claim: this epoch, this group, the rows it changes.
+        prior.planned = True
+        prior.claim = Claim(event_id, fingerprint, source, self.epoch, group.batch, mask)
+        prior.pins += 1
+        write = Write(
+            event=event, position=position, digest=fingerprint, cost=effect.cost,
+            claim=prior.claim, rows=tuple(changed),
+            negative_rows=tuple(key for key in changed if group.touched[key].is_negative),
         )
+        group.writes.append(write)
+        return write
 
-    def _new_rows(self, effect: Effect, position: Position) -> list[RowWrite]:
-        rows: list[RowWrite] = []
-        for (user_id, asset_id), delta in effect.deltas.items():
-            current = self._users[user_id].rows.get(asset_id)
-            applied = current.applied if current else {}
-            if applied.get(position.stream, -1) >= position.offset:
-                continue  # this row already includes this event
-            balance = apply(current.balance if current else EMPTY_BALANCE, delta, effect.time)
-            rows.append(
-                RowWrite(user_id, asset_id, balance, {**applied, position.stream: position.offset})
-            )
-        return rows
+    def _apply(self, effect: Effect, keys: list[RowKey], prior: _Seen | None
+               ) -> tuple[list[RowKey], int]:
+        """Apply the effect to the rows that lack it, in memory. All or nothing: an
+        overflow on any row leaves every row as it was."""
+        group = self.group
+        todo: list[tuple[RowKey, Row | None, int, int, int]] = []
+        mask = 0
+        for index, key in enumerate(keys):
+            user_id, asset_id = key
+            row = self._users[user_id].rows.get(asset_id)
+            if prior is not None and self._includes(prior.claim, row, index):
+                continue
+            delta = effect.deltas[key]
+            base = row if row is not None else None
+            available = checked_int64((base.available if base else 0) + delta.available,
+                                      "available")
+            frozen = checked_int64((base.frozen if base else 0) + delta.frozen, "frozen")
+            version = checked_int64((base.version if base else 0) + 1, "version")
+            todo.append((key, row, available, frozen, version))
+            mask |= 1 << index
+        changed = []
+        for key, row, available, frozen, version in todo:
+            user_id, asset_id = key
+            user = self._users[user_id]
+            if row is None:
+                row = Row(available, frozen, version, effect.time, {})
+                if user.rows:
+                    self._rows += 1  # a user without rows was already counted as one
+                user.rows[asset_id] = row
+            else:
+                row.available, row.frozen, row.version = available, frozen, version
+                row.updated_at = effect.time
+            if key not in group.touched:
+                group.touched[key] = row
+                if user_id not in group.users:
+                    group.users.add(user_id)
+                    user.pins += 1
+                self._users.move_to_end(user_id)
+            changed.append(key)
+        return changed, mask
 
-    def _put(self, row: RowWrite) -> None:
-        user = self._users[row.user_id]
-        if row.asset_id not in user.rows and user.rows:
-            self._rows += 1  # a user without rows was already counted as one
-        user.rows[row.asset_id] = StoredRow(row.balance, row.applied)
-        self._users.move_to_end(row.user_id)
+    def _includes(self, claim: Claim | None, row: Row | None, index: int) -> bool:
+        """Does the stored `row` include the event of `claim` (its own position)?
 
-    def landed(self, write: Write) -> None:
-        """The batch of `write` is durable: its users and id may be evicted again."""
-        for user in write.users:
+        The claim's epoch planned the event into group `claim.batch` and changed exactly
+        the rows of `rows_applied`; the others included it when that epoch loaded them.
+        A changed row includes it iff that epoch wrote the row in that group or a later
+        one (memory is cumulative). A row that epoch never wrote durably is as it was
+        loaded then: without the event. Later epochs carried the row as loaded."""
+        if claim is None:
+            return False  # no claim: no batch ever carried the event
+        if not claim.rows_applied & (1 << index):
+            return True
+        if row is None:
+            return False
+        batch = row.lineage.get(claim.epoch)
+        return batch is not None and batch >= claim.batch
+
+    def seal(self) -> Group:
+        """Close the open group: copy each touched row's final value (with this group in
+        its lineage) and open the next group."""
+        group = self.group
+        keep_from = self.resolved.epoch
+        images = []
+        for (user_id, asset_id), row in group.touched.items():
+            lineage = row.lineage
+            if any(epoch < keep_from for epoch in lineage):
+                lineage = {e: b for e, b in lineage.items() if e >= keep_from}
+                row.lineage = lineage
+            lineage[self.epoch] = group.batch
+            images.append(RowImage(user_id, asset_id, row.available, row.frozen, row.version,
+                                   row.updated_at, dict(lineage)))
+        group.images = tuple(images)
+        self._next_batch += 1
+        self.group = Group(self.epoch, self._next_batch)
+        return group
+
+    def landed(self, group: Group) -> None:
+        """The group's batch is durable: its users and ids may be evicted again."""
+        for user in group.users:
             self._users[user].pins -= 1
-        is_trade, event_id = _id_of(write.event)
-        seen = self._seen[is_trade][event_id]
-        seen.pins -= 1
-        seen.recorded = True
+        for write in group.writes:
+            is_trade, event_id = _id_of(write.event)
+            seen = self._seen[is_trade][event_id]
+            seen.pins -= 1
+            seen.recorded = True
 
     # -- bounds ----------------------------------------------------------------------------
 
     def trim(self) -> None:
         """Evict least recently used users and oldest ids beyond the configured bounds,
-        never one with a batch still in flight (its state exists nowhere else yet)."""
+        never one with a group still in flight (its state exists nowhere else yet)."""
         if self._rows > self.max_rows:
             for user_id in list(islice(self._users, len(self._users) // 4 + 1)):
                 user = self._users[user_id]
@@ -278,7 +422,7 @@ class Ledger:
     def remembered_ids(self) -> int:
         return sum(len(seen) for seen in self._seen.values())
 
-    def row(self, user_id: int, asset_id: int) -> StoredRow | None:
+    def row(self, user_id: int, asset_id: int) -> Row | None:
         user = self._users.get(user_id)
         return None if user is None else user.rows.get(asset_id)
 

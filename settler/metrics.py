@@ -40,7 +40,9 @@ RETRY_KINDS: Final = (
 )
 """The `kind` label of retries, declared up front so `rate()` is 0, not "no data"."""
 
-ERROR_KINDS: Final = ("cql_write",)
+ERROR_KINDS: Final = ("cql_write", "batch_too_large", "dlq_produce")
+
+SESSION_ENDS: Final = ("stopped", "lapsed", "abandoned", "fatal")
 
 EVENTS = Counter(
     "settler_events_total",
@@ -78,6 +80,27 @@ LAST_SETTLEMENT = Gauge(
     "Wall-clock time at which the most recent settlement batch became durable",
 )
 WRITER = Gauge("settler_writer_active", "1 while this worker holds the single-writer lease")
+LEASE_VALID = Gauge(
+    "settler_lease_valid", "1 while the writer lease was renewed in time (writes allowed)"
+)
+LEASE_LAPSES = Counter(
+    "settler_lease_lapses_total", "Times the writer lease lapsed (not renewed in time, or taken)"
+)
+TIMESTAMP_AHEAD = Gauge(
+    "settler_write_timestamp_ahead_seconds",
+    "How far the writer's fenced write timestamps run ahead of its clock (a former writer's "
+    "clock was ahead)",
+)
+SESSIONS = Counter(
+    "settler_writer_sessions_total", "Writer sessions ended, by why they ended", ["end"]
+)
+BATCH_SPLITS = Counter(
+    "settler_batch_splits_total", "LOGGED batches the database found too large, split in two"
+)
+DLQ_VALUE_OMITTED = Counter(
+    "settler_dead_letter_value_omitted_total",
+    "Dead letters published without their value (larger than the producer's request limit)",
+)
 BUILD = Info("settler_build", "Version of the running settler")
 BUILD.info({"version": __version__})
 
@@ -88,6 +111,8 @@ for _kind in RETRY_KINDS:
     RETRIES.labels(_kind)
 for _kind in ERROR_KINDS:
     ERRORS.labels(_kind)
+for _end in SESSION_ENDS:
+    SESSIONS.labels(_end)
 
 # The loop counts every event: resolve each label set once, not per call.
 _event_children: dict[tuple[str, str, str], Any] = {}
@@ -138,7 +163,10 @@ class Health:
         self.started = time.time()
 
     def ready(self) -> bool:
-        return self.role == "standby" or all(self.checks.values())
+        if self.role == "standby":
+            # Waiting for the lease is healthy; waiting because the database is gone is not.
+            return self.checks.get("cql", False)
+        return all(self.checks.values())
 
     def failing(self) -> list[str]:
         return sorted(name for name, ok in self.checks.items() if not ok)

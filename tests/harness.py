@@ -110,7 +110,7 @@ async def insert_balance(session: Session, user_id: int, asset_id: int, availabl
     """A user_balances row as the settling worker would leave it."""
     await cql.run(session, (
         "INSERT INTO user_balances (user_id, asset_id, available, frozen, version, updated_at,"
-        " applied) VALUES (%s, %s, %s, %s, 1, 1700000000000, {'settlement.events:0': 1})"
+        " lineage) VALUES (%s, %s, %s, %s, 1, 1700000000000, {1: 1})"
     ), (user_id, asset_id, available, frozen))
 
 
@@ -348,7 +348,8 @@ async def dead_letters(env: TestEnv) -> list[Any]:
     """Every record of the dead-letter topic."""
     topic = env.settings.dlq_topic
     ends = await end_offsets(topic)
-    consumer = AIOKafkaConsumer(bootstrap_servers=BOOTSTRAP, auto_offset_reset="earliest")
+    consumer = AIOKafkaConsumer(bootstrap_servers=BOOTSTRAP, auto_offset_reset="earliest",
+                                isolation_level="read_committed")
     await consumer.start()
     out: list[Any] = []
     try:

@@ -1,38 +1,26 @@
-"""A simulated Cassandra for tests/unit/test_simulation.py: pure Python, no I/O.
+"""A simulated Cassandra's cells for the crash simulation: pure Python, no I/O.
 
 Tables are cells with last-write-wins by (write timestamp, value), as Cassandra resolves
-them. The write path is the REAL `SettlementDb.settlement_batch` and
-`SettlementDb.claims_batch`: they run unchanged against stand-in statements, and the
-batches they build are turned back into row mutations using the column lists of their own
-CQL text (settler.db._CQL). The reads are the REAL `SettlementDb.load_user` and
-`SettlementDb.settled`, run against a stand-in session that evaluates their own SELECT
-text (settler.db._CQL) over the same cells: `settled` reads `id_claims` because the real
-one does.
+them. Batches built by the REAL `SettlementDb` builders (with `RecordedBatch` standing in
+for the driver's BatchStatement) are turned back into row mutations using the column
+lists of their own CQL text (settler.db._CQL); the REAL reads (`load_user`, `claims`,
+`progress`) run their own SELECT text over the same cells.
 
 What a batch guarantees, and what it does not, is up to the caller: a `Mutation` is one
 row write; mutations of the same `replica_key` (table, partition key) are applied
 together and isolated, as Cassandra applies one partition's share of a batch; different
-partitions of one batch may become visible at different moments (not isolated). A LOGGED
-batch that reached the batchlog is eventually applied whole; an UNLOGGED one has no
-batchlog: at a crash, a partition's share may simply never be applied.
+partitions of one batch may become visible at different moments (not isolated).
 """
 
 from __future__ import annotations
 
 import operator
 import re
-from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, TypeVar
-from unittest import mock
-
-from cassandra.query import BatchType
+from typing import Any, Final
 
 import settler.db
-from settler.db import SettlementDb
-from settler.ledger import SettledRecord, StoredRow, Write
-
-T = TypeVar("T")
 
 # Primary keys of the tables the worker writes and reads (schema/002_balances.cql,
 # schema/003_events.cql): (partition key columns, clustering columns).
@@ -41,6 +29,7 @@ PRIMARY_KEYS: Final = {
     "trades": (("bucket",), ("trade_id",)),
     "balance_events": (("bucket",), ("event_id",)),
     "id_claims": (("kind", "bucket"), ("event_id",)),
+    "progress": (("scope",), ("name", "stream")),
 }
 
 _INSERT = re.compile(
@@ -123,7 +112,7 @@ def _mutation(statement: str, parameters: Sequence[Any]) -> Mutation:
     return Mutation(table, partition, clustering, cells, timestamp)
 
 
-class _RecordedBatch:
+class RecordedBatch:
     """Stands in for cassandra's BatchStatement: keeps (statement, parameters) in order."""
 
     def __init__(self, batch_type: Any) -> None:
@@ -133,61 +122,8 @@ class _RecordedBatch:
     def add(self, statement: str, parameters: Sequence[Any]) -> None:
         self.statements.append((statement, tuple(parameters)))
 
-
-class _StandIn:
-    """Stands in for a SettlementDb: statement names instead of prepared statements, and a
-    `run` that evaluates the named SELECT over a SimDb's cells."""
-
-    _prepared: Final = {name: name for name in (*_STATEMENTS, *_QUERIES)}
-    _add_record = SettlementDb._add_record
-
-    def __init__(self, db: SimDb | None = None) -> None:
-        self.db = db
-
-    async def run(self, statement: str, parameters: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        assert self.db is not None
-        return self.db.select(statement, parameters)
-
-
-_WRITER: Final = _StandIn()
-
-
-def _built(build: Callable[[], Any], batch_type: BatchType) -> list[Mutation]:
-    with mock.patch.object(settler.db, "BatchStatement", _RecordedBatch):
-        batch = build()
-    if batch is None:
-        return []
-    assert isinstance(batch, _RecordedBatch)
-    assert batch.batch_type is batch_type
-    return [_mutation(statement, parameters) for statement, parameters in batch.statements]
-
-
-def batch_mutations(writes: Sequence[Write], *, fee_account: int, timestamp: int
-                    ) -> list[Mutation]:
-    """The row writes of the ONE LOGGED batch the real `settlement_batch` builds."""
-    return _built(lambda: SettlementDb.settlement_batch(
-        _WRITER,  # type: ignore[arg-type]
-        writes, fee_account=fee_account, timestamp=timestamp,
-    ), BatchType.LOGGED)
-
-
-def claim_mutations(writes: Sequence[Write], *, timestamp: int) -> list[Mutation]:
-    """The row writes of the UNLOGGED batch the real `claims_batch` builds (none when no
-    write claims an id: the real one returns None, nothing is sent)."""
-    return _built(lambda: SettlementDb.claims_batch(
-        _WRITER,  # type: ignore[arg-type]
-        writes, timestamp=timestamp,
-    ), BatchType.UNLOGGED)
-
-
-def _complete(coroutine: Coroutine[Any, Any, T]) -> T:
-    """Run a coroutine that never suspends (its I/O is the simulated `run`)."""
-    try:
-        coroutine.send(None)
-    except StopIteration as done:
-        return done.value  # type: ignore[no-any-return]
-    coroutine.close()
-    raise AssertionError("a simulated read suspended")
+    def mutations(self) -> list[Mutation]:
+        return [_mutation(statement, parameters) for statement, parameters in self.statements]
 
 
 Cell = tuple[int, Any]  # (write timestamp, value)
@@ -261,15 +197,6 @@ class SimDb:
                 for column in columns
             ))
         return result
-
-    # -- the worker's reads: the real SettlementDb.load_user / SettlementDb.settled -------
-
-    def load_user(self, user_id: int) -> dict[int, StoredRow]:
-        return _complete(SettlementDb.load_user(_StandIn(self), user_id))  # type: ignore[arg-type]
-
-    def settled(self, is_trade: bool, bucket: int, low: int, high: int) -> list[SettledRecord]:
-        return _complete(SettlementDb.settled(
-            _StandIn(self), is_trade, bucket, low, high))  # type: ignore[arg-type]
 
     # -- what the test checks ------------------------------------------------------------
 

@@ -78,12 +78,17 @@ async def test_readyz_is_503_until_kafka_cql_and_partitions_are_all_up() -> None
         assert status == 200 and json.loads(body)["ready"] is True
 
 
-async def test_a_standby_says_so_and_is_ready() -> None:
+async def test_a_standby_says_so_and_is_ready_while_the_database_answers() -> None:
     health = metrics.Health()
     health.role = "standby"
+    health.checks["cql"] = True
     async with serving(health) as port:
         status, body = await scrape(port, "/readyz")
-    assert status == 200 and json.loads(body)["role"] == "standby"
+        assert status == 200 and json.loads(body)["role"] == "standby"
+        # Waiting for the lease is healthy; waiting because the database is gone is not.
+        health.checks["cql"] = False
+        status, body = await scrape(port, "/readyz")
+    assert status == 503 and json.loads(body)["role"] == "standby"
 
 
 async def test_healthz_is_200_whatever_the_checks_and_other_paths_are_404() -> None:

@@ -1,0 +1,27 @@
+"""`settler run`: the long-lived settling worker.
+
+Data flow, one module per stage: Kafka records -> `intake` (fetch, decode, load) ->
+`pipeline` (plan with the Ledger, issue claims then ONE LOGGED batch per group, land) ->
+`committing` (dead letters and offsets in one Kafka transaction). `session` runs one
+writer session (an epoch of the lease) and its rebalance rule; `tenure` holds the lease
+from taking it to releasing it; `main` alternates standby and writer tenures.
+"""
+
+from settler.worker.main import Worker, run_worker
+from settler.worker.session import (
+    CLOSE_TIMEOUT_S,
+    DRAIN_TIMEOUT_S,
+    REVOKE_DRAIN_S,
+    SHUTDOWN_BUDGET_S,
+    SessionEnd,
+)
+
+__all__ = [
+    "CLOSE_TIMEOUT_S",
+    "DRAIN_TIMEOUT_S",
+    "REVOKE_DRAIN_S",
+    "SHUTDOWN_BUDGET_S",
+    "SessionEnd",
+    "Worker",
+    "run_worker",
+]

@@ -1,0 +1,243 @@
+"""Committing: dead letters and consumer-group offsets go out together, in one Kafka
+transaction, and the writer's progress records follow.
+
+The commit rule (ARCHITECTURE.md "Why exactly once", point 5): an offset is committed
+only once its event and every earlier event of its partition are durable (settled,
+dead-lettered or skipped: `Offsets.commit_ready`), and only while the lease is valid. A
+dead letter is published in the transaction that commits an offset past it, so a
+`read_committed` reader sees it exactly once per source record: a crash before the
+commit aborts both, and the next writer publishes it again. A replay (offsets rewound
+below what was once committed) may publish it again, marked `settler.replay`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Final
+
+from aiokafka import TopicPartition
+from aiokafka.errors import ProducerFenced
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
+
+from settler import kafka, logs, metrics
+from settler.db import Progress
+from settler.ledger import Ledger, Resolved
+from settler.offsets import Offsets
+from settler.worker.intake import Item
+from settler.worker.ports import Consumer, Producer, Store
+from settler.worker.tenure import Tenure
+
+log = logs.get("settler.worker")
+
+REPLAY_HEADER: Final = "settler.replay"
+OMITTED_HEADER: Final = "settler.value-omitted"
+REQUEST_OVERHEAD_BYTES: Final = 512  # request and batch headers around one record
+PROGRESS_TIMEOUT_S: Final = 5.0
+
+
+class ProducerBroken(Exception):
+    """The transactional producer cannot go on (a failed abort): the session restarts."""
+
+
+@dataclass(slots=True)
+class Letter:
+    tp: TopicPartition
+    offset: int
+    event_kind: str
+    reason: str
+    detail: str
+    value: bytes | None
+    key: bytes | None
+    headers: list[tuple[str, bytes]] = field(default_factory=list)
+
+
+class Committer:
+    def __init__(self, *, producer: Producer, consumer: Consumer,
+                 offsets: Offsets[TopicPartition], tenure: Tenure, store: Store,
+                 ledger: Ledger, progress: Progress, frontier: dict[str, int],
+                 dlq_topic: str, group_id: str, max_request_bytes: int,
+                 report: Callable[[str, bool], None]) -> None:
+        self.producer = producer
+        self.report = report  # readiness follows the outcome of each commit
+        self.consumer = consumer
+        self.offsets = offsets
+        self.tenure = tenure
+        self.store = store
+        self.ledger = ledger
+        self.dlq_topic = dlq_topic
+        self.group_id = group_id
+        self.max_request_bytes = max_request_bytes
+        self.letters: list[Letter] = []
+        self._lock = asyncio.Lock()
+        self._txn: asyncio.Future[None] | None = None
+        self._txn_content: tuple[dict[TopicPartition, int], list[Letter]] = ({}, [])
+        # Progress: below `replayed_below` a partition was committed once already; the
+        # frontier at the start of the session must be committed past before older
+        # epochs' lineage can be dropped (`Resolved`).
+        self.replayed_below = dict(progress.committed)
+        self.committed_high = dict(progress.committed)
+        self.frontier_at_start = dict(progress.frontier)
+        self.frontier = frontier  # shared with the pipeline: what this session planned
+        self.committed: dict[str, int] = {}
+
+    # -- dead letters ------------------------------------------------------------------------
+
+    def dead_letter(self, item: Item, event_kind: str, reason: str, detail: str) -> None:
+        """Queue the record for the dead-letter topic; its offset may be committed now,
+        since the letter goes out in the transaction that commits past it."""
+        record = item.record
+        source = f"{item.tp.topic}/{item.tp.partition}/{record.offset}"
+        headers = kafka.dead_letter_headers(record.headers, reason, source, detail)
+        if record.offset < self.replayed_below.get(item.position.stream, -1):
+            headers.append((REPLAY_HEADER, b"1"))
+        letter = Letter(item.tp, record.offset, event_kind, reason, detail, record.value,
+                        record.key, headers)
+        self._fit(letter)
+        self.letters.append(letter)
+        self.offsets.settle(item.tp, record.offset)
+
+    def _fit(self, letter: Letter) -> None:
+        """A letter above the producer's request limit can never be sent: publish it without
+        its value (key, headers and the source position stay) and say so."""
+        size = DefaultRecordBatchBuilder.estimate_size_in_bytes(
+            letter.key, letter.value, letter.headers) + REQUEST_OVERHEAD_BYTES
+        if size <= self.max_request_bytes:
+            return
+        original = len(letter.value or b"")
+        letter.value = None
+        letter.headers.append((OMITTED_HEADER, str(original).encode()))
+        metrics.DLQ_VALUE_OMITTED.inc()
+        log.warning("dead letter too large for the producer: published without its value",
+                    bytes=original, limit=self.max_request_bytes, topic=letter.tp.topic,
+                    partition=letter.tp.partition, offset=letter.offset)
+
+    # -- the transaction ---------------------------------------------------------------------
+
+    async def commit(self, timeout: float) -> bool:
+        """Commit what is ready in one transaction with the dead letters it covers. False
+        if nothing was committed now (retried at the next interval). A transaction still
+        running after `timeout` is left to finish and accounted for at the next call
+        (aborting it blind could abort one Kafka already committed). Raises ProducerFenced
+        (another writer) and ProducerBroken (restart the session)."""
+        async with self._lock:
+            if self._txn is not None and not await self._conclude(timeout):
+                return False
+            positions = self.offsets.commit_ready()
+            if not positions or not self.tenure.valid:
+                return False
+            letters = [letter for letter in self.letters
+                       if letter.offset < positions.get(letter.tp, -1)]
+            self._txn = asyncio.ensure_future(self._transaction(positions, letters))
+            self._txn_content = (positions, letters)
+            if not await self._conclude(timeout):
+                return False
+        await self._record_progress()
+        return True
+
+    async def _conclude(self, timeout: float) -> bool:
+        """Wait for the running transaction; account for it once it ended. True if it
+        committed."""
+        txn = self._txn
+        assert txn is not None
+        await asyncio.wait({txn}, timeout=timeout)
+        if not txn.done():
+            metrics.retry("kafka_commit")
+            self.report("kafka_commit", False)
+            log.warning("offset commit still running, will check again", timeout_s=timeout)
+            return False
+        self._txn = None
+        positions, letters = self._txn_content
+        error = txn.exception()
+        if isinstance(error, ProducerFenced):
+            raise error
+        if error is not None:
+            metrics.retry("kafka_commit")
+            self.report("kafka_commit", False)
+            log.warning("offset commit failed, will retry", error=repr(error))
+            await self._abort()
+            return False
+        self.report("kafka_commit", True)
+        sent = {id(letter) for letter in letters}
+        self.letters = [letter for letter in self.letters if id(letter) not in sent]
+        self.offsets.committed(positions)
+        self._after_commit(positions, letters)
+        return True
+
+    async def _transaction(self, positions: dict[TopicPartition, int],
+                           letters: list[Letter]) -> None:
+        producer = self.producer
+        await producer.begin_transaction()
+        sends = [await producer.send(self.dlq_topic, value=letter.value, key=letter.key,
+                                     headers=letter.headers) for letter in letters]
+        await producer.send_offsets_to_transaction(positions, self.group_id)
+        await producer.commit_transaction()
+        await asyncio.gather(*sends)
+
+    async def _abort(self) -> None:
+        try:
+            await asyncio.wait_for(self.producer.abort_transaction(), 10.0)
+        except Exception as exc:
+            raise ProducerBroken(f"aborting the transaction failed: {exc!r}") from exc
+
+    def _after_commit(self, positions: dict[TopicPartition, int], letters: list[Letter]
+                      ) -> None:
+        for letter in letters:
+            outcome = "conflict" if letter.reason == "conflicting_duplicate" else "invalid"
+            metrics.event(letter.event_kind, outcome, letter.reason)
+            log.warning("event dead-lettered", reason=letter.reason, detail=letter.detail,
+                        topic=letter.tp.topic, partition=letter.tp.partition,
+                        offset=letter.offset)
+        for tp, position in positions.items():
+            self.committed[f"{tp.topic}:{tp.partition}"] = position
+            metrics.COMMITTED.labels(tp.topic, tp.partition).set(position)
+            highwater = getattr(self.consumer, "highwater", None)
+            end = highwater(tp) if highwater is not None else None
+            if end is not None:
+                metrics.LAG.labels(tp.topic, tp.partition).set(max(0, end - position))
+
+    # -- progress records --------------------------------------------------------------------
+
+    async def _record_progress(self) -> None:
+        """The highest offsets ever committed (to tell a replay later), and `Resolved` once
+        every offset planned before this session is committed past."""
+        higher = {stream: position for stream, position in self.committed.items()
+                  if position > self.committed_high.get(stream, -1)}
+        epoch = self.tenure.epoch
+        resolve = self.ledger.resolved.epoch < epoch and all(
+            self.committed.get(stream, -1) > offset
+            for stream, offset in self.frontier_at_start.items())
+        if not higher and not resolve:
+            return
+        try:
+            if higher:
+                await self._write_progress("committed", higher)
+                self.committed_high.update(higher)
+            if resolve:
+                await self.resolve(Resolved(epoch, dict(self.committed)))
+        except Exception as exc:  # noqa: BLE001 - progress records are retried next commit
+            log.warning("progress record not written, will retry", error=repr(exc))
+
+    async def resolve(self, resolved: Resolved) -> None:
+        """Make `resolved` durable, then let planning drop lineage of older epochs."""
+        await self._write_progress("resolved", dict(resolved.offsets), epoch=resolved.epoch)
+        self.ledger.advance_resolved(resolved)
+        log.info("events of earlier writer sessions complete", resolved_epoch=resolved.epoch)
+
+    async def resolve_at_clean_end(self) -> None:
+        """Everything this session planned is committed: the next epoch needs no lineage of
+        this one or older."""
+        if all(self.committed.get(stream, -1) > offset
+               for stream, offset in {**self.frontier_at_start, **self.frontier}.items()):
+            try:
+                await self.resolve(Resolved(self.tenure.epoch + 1, dict(self.committed)))
+            except Exception as exc:  # noqa: BLE001 - the next session resolves it instead
+                log.warning("could not record that this session's events are complete",
+                            error=repr(exc))
+
+    async def _write_progress(self, name: str, positions: dict[str, int],
+                              epoch: int | None = None) -> None:
+        timestamp = await self.tenure.timestamp()
+        batch = self.store.progress_batch(name, positions, timestamp=timestamp, epoch=epoch)
+        await asyncio.wait_for(self.store.run(batch), PROGRESS_TIMEOUT_S)

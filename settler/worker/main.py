@@ -1,0 +1,195 @@
+"""The worker process: serve metrics, connect, and alternate between standby and writer
+tenures until stopped. Exit codes: 0 after SIGTERM/SIGINT, 1 on a non-retryable error."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from typing import Final
+
+from cassandra import InvalidRequest
+
+from settler import cql, logs, metrics
+from settler.config import ConfigError, Settings
+from settler.lease import WriterLease
+from settler.registry import Registry, load_registry
+from settler.worker.ports import Clients, Store, production_clients
+from settler.worker.retry import Backoff, Retrier, Stopping
+from settler.worker.session import CLOSE_TIMEOUT_S, SessionEnd, WriterSession
+from settler.worker.tenure import Lapsed, Tenure
+
+log = logs.get("settler.worker")
+
+TAKEOVER_WAIT_S: Final = {"cassandra": 15, "scylla": 75}
+"""After taking over from a writer that died, how long its batches may still come out of
+the batchlog: Cassandra replays batches older than 2 x write_request_timeout, checking
+every 10 s; ScyllaDB replays on a 60 s loop."""
+DEFAULT_BATCH_MAX_BYTES: Final = 40 * 1024
+BATCH_BYTES_SHARE: Final = 0.8
+
+
+class Worker:
+    """Holds the lease (or waits for it) and runs writer sessions until stopped."""
+
+    def __init__(self, settings: Settings, registry: Registry,
+                 clients: Clients | None = None) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.clients = clients or production_clients(settings)
+        self.health = metrics.Health()
+        self.stopping = asyncio.Event()
+        self.retrier = Retrier(Backoff(settings.retry_initial_ms / 1000,
+                                       settings.retry_max_ms / 1000),
+                               ending=self.stopping.is_set, wake=self.stopping,
+                               health=self.health)
+        metrics.declare_assets(asset.name for asset in registry.assets_by_id.values())
+
+    async def run(self) -> int:
+        server = None
+        if self.clients.serve_metrics:
+            server = await metrics.serve(self.settings.metrics_host, self.settings.metrics_port,
+                                         self.health)
+            log.info("worker starting", metrics=f"http://{self.settings.metrics_host}:"
+                     f"{self.settings.metrics_port}/metrics",
+                     settings=self.settings.redacted())
+        try:
+            return await self._run()
+        finally:
+            if server is not None:
+                server.close()
+
+    async def _run(self) -> int:
+        try:
+            store = await self.retrier.run("cql_connect", self.clients.open_store)
+        except Stopping:
+            return 0
+        except InvalidRequest as exc:
+            log.error("the keyspace or its tables are missing: run `settler schema apply`",
+                      keyspace=self.settings.keyspace, error=str(exc))
+            return 1
+        self.health.checks["cql"] = True
+        # Readiness follows the database even while idle: without traffic no call would
+        # notice it going away, or coming back.
+        probe = asyncio.ensure_future(self.health.probe("cql", store.probe))
+        code = 0
+        try:
+            takeover_wait, batch_max_bytes = await self._derived(store)
+            code = await self._lead(store, takeover_wait, batch_max_bytes)
+        except Stopping:
+            code = 0
+        finally:
+            probe.cancel()
+            metrics.WRITER.set(0)
+            try:
+                await asyncio.wait_for(store.close(), CLOSE_TIMEOUT_S)
+            except TimeoutError:
+                log.warning("closing the database session timed out")
+        log.info("worker stopped", exit_code=code)
+        return code
+
+    async def _derived(self, store: Store) -> tuple[int, int]:
+        """The takeover wait and the batch bound: set, or derived from the database."""
+        wait = self.settings.takeover_wait_s
+        if wait is None:
+            server = await self.retrier.run("cql_read", store.server)
+            wait = TAKEOVER_WAIT_S[server]
+            log.info("takeover wait derived from the database", server=server, seconds=wait)
+        limit = self.settings.batch_max_bytes
+        if limit is None:
+            threshold = await self.retrier.run("cql_read", store.batch_fail_threshold)
+            limit = int(threshold * BATCH_BYTES_SHARE) if threshold else DEFAULT_BATCH_MAX_BYTES
+            log.info("batch bound derived from the database", fail_threshold_bytes=threshold,
+                     batch_max_bytes=limit)
+        return wait, limit
+
+    async def _lead(self, store: Store, takeover_wait: int, batch_max_bytes: int) -> int:
+        lease = WriterLease(store.lease_table(), ttl_s=self.settings.lease_ttl_s,
+                            clock=self.clients.clock)
+        while not self.stopping.is_set():
+            self.health.role = "standby"
+            tenure = Tenure(lease, self.stopping, self._cql_down)
+            if not await tenure.acquire():
+                break
+            wait = takeover_wait if lease.took_over_expired else 0
+            end = await self._hold(store, tenure, wait, takeover_wait, batch_max_bytes)
+            if end is SessionEnd.FATAL:
+                return 1
+            if end is SessionEnd.STOPPED:
+                break
+        return 0
+
+    async def _hold(self, store: Store, tenure: Tenure, wait: int, takeover_wait: int,
+                    batch_max_bytes: int) -> SessionEnd:
+        """Writer sessions under one hold of the lease, until it ends."""
+        while True:
+            if wait:
+                # A writer that died (or a session that abandoned work) may have batches in
+                # the batchlog that land later: reading rows before they do, then writing
+                # newer cells, could undo them. The lease is renewed meanwhile.
+                log.info("waiting for the previous writer's batches to settle", seconds=wait,
+                         epoch=tenure.epoch)
+                if not await tenure.wait(wait):
+                    # Stopped or lapsed during the wait: keep the lease unreleased, so the
+                    # next writer waits too.
+                    await tenure.end(release=False, timeout_s=CLOSE_TIMEOUT_S)
+                    return SessionEnd.STOPPED if self.stopping.is_set() else SessionEnd.LAPSED
+            try:
+                progress = await self.retrier.run("cql_read", store.progress)
+            except Stopping:
+                await tenure.end(release=False, timeout_s=CLOSE_TIMEOUT_S)
+                return SessionEnd.STOPPED
+            self.health.role = "writer"
+            metrics.WRITER.set(1)
+            session = WriterSession(
+                settings=self.settings, registry=self.registry, clients=self.clients,
+                store=store, tenure=tenure, progress=progress, health=self.health,
+                stopping=self.stopping, batch_max_bytes=batch_max_bytes)
+            end = await session.run()
+            metrics.WRITER.set(0)
+            self.health.checks["partitions"] = False
+            if end is not SessionEnd.ABANDONED:
+                # Released only when no batch of ours can land later; otherwise it expires
+                # and the next writer waits out the takeover wait.
+                await tenure.end(release=end is SessionEnd.STOPPED and session.clean,
+                                 timeout_s=CLOSE_TIMEOUT_S)
+                return end
+            try:
+                await tenure.rotate()
+            except Lapsed:
+                await tenure.end(release=False, timeout_s=CLOSE_TIMEOUT_S)
+                return SessionEnd.LAPSED
+            except Exception as exc:
+                if not cql.is_transient(exc):
+                    raise
+                await tenure.end(release=False, timeout_s=CLOSE_TIMEOUT_S)
+                return SessionEnd.LAPSED
+            wait = takeover_wait
+
+    def _cql_down(self, exc: BaseException) -> None:
+        self.health.checks["cql"] = False
+        metrics.retry("cql_lease")
+        log.warning("database unavailable, retrying", error=repr(exc))
+
+
+def run_worker(settings: Settings) -> int:
+    """Entry point of `settler run`: exit code 0 on SIGTERM/SIGINT after draining."""
+    logs.configure(settings.log_level, settings.log_format)
+    registry = load_registry(settings.registry)
+    runner = asyncio.run
+    if settings.event_loop in ("auto", "uvloop"):
+        try:
+            import uvloop
+        except ImportError:
+            if settings.event_loop == "uvloop":
+                raise ConfigError("SETTLER_EVENT_LOOP: uvloop is not installed") from None
+        else:
+            runner = uvloop.run
+
+    async def main() -> int:
+        worker = Worker(settings, registry)
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, worker.stopping.set)
+        return await worker.run()
+
+    return runner(main())

@@ -1,0 +1,289 @@
+"""One writer session: fresh memory, consumer and producer, one epoch of the lease.
+
+The session loop is fetch -> intake (decode, load) -> pipeline (plan, issue, land) ->
+committer, until it ends. Why it ends decides what the worker does next (`SessionEnd`).
+
+The rebalance rule (ARCHITECTURE.md "Rebalances"): when partitions are revoked, planning
+stops at once (records fetched before the revoke are dropped, never planned), in-flight
+groups drain for at most `REVOKE_DRAIN_S`, and what is settled is committed. If the drain
+completes, memory equals the database and the session goes on with the new assignment.
+If it does not, the session ends: in-flight work is abandoned with the session's memory,
+and the next session (a new epoch) waits out the takeover wait before reading. So a
+position never settles while an earlier group of the same memory carrying it may still
+be unacknowledged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Coroutine
+from enum import StrEnum
+from typing import Any, Final
+
+from aiokafka import TopicPartition
+from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka.errors import KafkaError, ProducerFenced
+
+from settler import logs, metrics
+from settler.config import Settings
+from settler.db import Progress
+from settler.ledger import Ledger
+from settler.offsets import Offsets
+from settler.registry import Registry
+from settler.worker.committing import Committer, ProducerBroken
+from settler.worker.intake import Intake
+from settler.worker.pipeline import Fatal, Pipeline
+from settler.worker.ports import Clients, Consumer, Producer, Store
+from settler.worker.retry import Backoff, Retrier, Stopping
+from settler.worker.tenure import Lapsed, Tenure
+
+log = logs.get("settler.worker")
+
+# SIGTERM budget (inside the 10 s a supervisor usually grants): drain in-flight batches,
+# commit, record completeness, close the Kafka clients, release the lease, close the
+# database session; each bounded.
+DRAIN_TIMEOUT_S: Final = 3.0
+CLOSE_TIMEOUT_S: Final = 1.5
+RESOLVE_TIMEOUT_S: Final = 1.0
+SHUTDOWN_BUDGET_S: Final = DRAIN_TIMEOUT_S + RESOLVE_TIMEOUT_S + 4 * CLOSE_TIMEOUT_S
+"""The longest a SIGTERM may take to exit 0 (10 s). Tests and docs refer to this value."""
+
+REVOKE_DRAIN_S: Final = 20.0
+"""How long a revoke waits for in-flight groups (below the group's rebalance timeout,
+settler.kafka.REBALANCE_TIMEOUT_MS)."""
+COMMIT_TIMEOUT_S: Final = 10.0
+LAG_INTERVAL_S: Final = 5.0
+
+
+class SessionEnd(StrEnum):
+    """Why a writer session ended; decides what the worker does next."""
+
+    STOPPED = "stopped"  # SIGTERM/SIGINT: drain, commit, exit 0
+    LAPSED = "lapsed"  # the lease is not valid (lost, or not renewed in time): standby
+    ABANDONED = "abandoned"  # in-flight work dropped (revoke drain, broken producer): new epoch
+    FATAL = "fatal"  # a rejected statement or similar bug: exit 1, commit nothing more
+
+
+class WriterSession(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, *, settings: Settings, registry: Registry, clients: Clients,
+                 store: Store, tenure: Tenure, progress: Progress, health: metrics.Health,
+                 stopping: asyncio.Event, batch_max_bytes: int) -> None:
+        self.settings = settings
+        self.tenure = tenure
+        self.health = health
+        self.stopping = stopping
+        self.ended = asyncio.Event()
+        self.end: SessionEnd | None = None
+        self.clean = False  # drained completely and committed everything settled
+        self.revoking = False
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self._revoked = asyncio.Event()
+        self._revoked.set()
+        self.consumer = clients.consumer()
+        self.producer = clients.producer()
+        self.ledger = Ledger(registry, settings.balance_cache_rows, settings.recent_ids,
+                             epoch=tenure.epoch, resolved=progress.resolved)
+        self.offsets: Offsets[TopicPartition] = Offsets()
+        self.retrier = Retrier(Backoff(settings.retry_initial_ms / 1000,
+                                       settings.retry_max_ms / 1000),
+                               ending=self.ended.is_set, wake=self.ended, health=health)
+        frontier = dict(progress.frontier)
+        self.committer = Committer(
+            producer=self.producer, consumer=self.consumer, offsets=self.offsets,
+            tenure=tenure, store=store, ledger=self.ledger, progress=progress,
+            frontier=frontier, dlq_topic=settings.dlq_topic, group_id=settings.group_id,
+            max_request_bytes=settings.kafka_max_request_bytes,
+            report=lambda kind, ok: self.retrier.report(kind, ok=ok),
+        )
+        self.pipeline = Pipeline(
+            ledger=self.ledger, store=store, offsets=self.offsets, tenure=tenure,
+            retrier=self.retrier, registry=registry, dead_letter=self.committer.dead_letter,
+            frontier=frontier, ended=self.ended, batch_events=settings.batch_events,
+            batch_max_bytes=batch_max_bytes, max_in_flight=settings.max_in_flight,
+        )
+        self.intake = Intake(self.consumer, store, self.ledger, self.offsets, self.retrier,
+                             settings.fetch_max_records)
+
+    def _end(self, end: SessionEnd) -> None:
+        if self.end is None:
+            self.end = end
+        self.ended.set()
+
+    async def run(self) -> SessionEnd:
+        watchers = [
+            self._watch(self.stopping, SessionEnd.STOPPED),
+            self._watch(self.tenure.lapsed, SessionEnd.LAPSED),
+        ]
+        try:
+            await self._start_clients()
+        except Stopping:
+            pass
+        else:
+            await self._loop()
+        for watcher in watchers:
+            watcher.cancel()
+        end = self.end or SessionEnd.STOPPED
+        await self._finish(end)
+        metrics.SESSIONS.labels(end.value).inc()
+        return end
+
+    def _watch(self, event: asyncio.Event, end: SessionEnd) -> asyncio.Task[None]:
+        async def watch() -> None:
+            await event.wait()
+            self._end(end)
+
+        return asyncio.ensure_future(watch())
+
+    async def _start_clients(self) -> None:
+        # The transactional producer's start fences every former writer's producer.
+        await self.retrier.run("kafka_connect", self.consumer.start, _kafka_transient)
+        await self.retrier.run("kafka_connect", self.producer.start, _kafka_transient)
+        self.health.checks["kafka"] = True
+        self.consumer.subscribe(list(self.settings.topics), listener=self)
+
+    async def _loop(self) -> None:
+        helpers = [asyncio.ensure_future(self._commit_loop()),
+                   asyncio.ensure_future(self._lag_loop())]
+        try:
+            while not self.ended.is_set():
+                if self.revoking:
+                    await _first(self._revoked.wait(), self.ended.wait())
+                    continue
+                fetched = await self.intake.fetch()
+                if not fetched or self.revoking or self.ended.is_set():
+                    continue  # records fetched across a revoke are re-read from the commit
+                self.idle.clear()
+                try:
+                    items = self.intake.items(fetched)
+                    await self.intake.load(items)
+                    await self.pipeline.settle(items, pause=self._pause)
+                finally:
+                    self.idle.set()
+        except (Stopping, Lapsed):
+            pass
+        except Fatal as exc:
+            self.pipeline.fatal = self.pipeline.fatal or exc
+        finally:
+            for helper in helpers:
+                helper.cancel()
+        if self.pipeline.fatal is not None:
+            self._end(SessionEnd.FATAL)
+
+    def _pause(self) -> bool:
+        return self.revoking or self.ended.is_set()
+
+    async def _finish(self, end: SessionEnd) -> None:
+        if end is SessionEnd.STOPPED:
+            # Clean: no group of this session can land later (the lease may be released
+            # and the next writer need not wait).
+            self.clean = await self.pipeline.drain(DRAIN_TIMEOUT_S)
+            await self._commit_quietly(CLOSE_TIMEOUT_S)
+            if self.clean:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.committer.resolve_at_clean_end(),
+                                           RESOLVE_TIMEOUT_S)
+        elif end is SessionEnd.FATAL:
+            log.error("stopping on a non-retryable error; nothing more is committed",
+                      error=repr(self.pipeline.fatal))
+        self.pipeline.abandon()  # abandoned groups are re-read from the committed offsets
+        await self._close_clients()
+
+    async def _commit_quietly(self, timeout: float) -> None:
+        try:
+            await self.committer.commit(timeout)
+        except (ProducerFenced, ProducerBroken) as exc:
+            log.warning("final commit failed; the next writer re-reads from the last one",
+                        error=repr(exc))
+
+    async def _close_clients(self) -> None:
+        async def close(client: Consumer | Producer) -> None:
+            # aiokafka may re-raise the CancelledError of one of its own internal tasks.
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.wait_for(client.stop(), CLOSE_TIMEOUT_S)
+
+        await asyncio.gather(close(self.consumer), close(self.producer))
+
+    # -- rebalance listener ----------------------------------------------------------------
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        if self.ended.is_set() or not revoked:
+            return
+        self.revoking = True
+        self._revoked.clear()
+        self.health.checks["partitions"] = False
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + REVOKE_DRAIN_S
+        try:
+            await asyncio.wait_for(self.idle.wait(), max(0.0, deadline - loop.time()))
+            drained = await self.pipeline.drain(max(0.0, deadline - loop.time()))
+        except TimeoutError:
+            drained = False
+        if drained and not self.ended.is_set():
+            await self._commit_in_handler(max(1.0, deadline - loop.time()))
+            log.info("partitions revoked after a complete drain", partitions=_names(revoked))
+        elif not self.ended.is_set():
+            log.error("partitions revoked while work was still in flight: ending the writer "
+                      "session (its memory and in-flight work); the next one waits out the "
+                      "takeover wait", partitions=_names(revoked), drain_s=REVOKE_DRAIN_S)
+            self._end(SessionEnd.ABANDONED)
+        self.offsets.forget(revoked)
+        self.revoking = False
+        self._revoked.set()
+
+    async def _commit_in_handler(self, timeout: float) -> None:
+        try:
+            await self.committer.commit(timeout)
+        except ProducerFenced:
+            self._end(SessionEnd.LAPSED)
+        except ProducerBroken as exc:
+            log.error("the transactional producer failed", error=repr(exc))
+            self._end(SessionEnd.ABANDONED)
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        self.health.checks["partitions"] = True
+        log.info("partitions assigned", partitions=_names(assigned))
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    async def _commit_loop(self) -> None:
+        interval = self.settings.commit_interval_ms / 1000
+        while True:
+            await asyncio.sleep(interval)
+            if self.revoking:
+                continue
+            await self._commit_in_handler(COMMIT_TIMEOUT_S)
+
+    async def _lag_loop(self) -> None:
+        """Lag against the brokers' end offsets every few seconds, so that it grows while
+        settling is stalled (database down) instead of freezing at the last commit."""
+        while True:
+            await asyncio.sleep(LAG_INTERVAL_S)
+            assigned = list(self.consumer.assignment())
+            committed = self.offsets.last_committed()
+            try:
+                ends = await asyncio.wait_for(self.consumer.end_offsets(assigned), 10)
+            except (KafkaError, TimeoutError):
+                continue
+            for tp, end in ends.items():
+                if tp in committed:
+                    metrics.LAG.labels(tp.topic, tp.partition).set(max(0, end - committed[tp]))
+
+
+def _kafka_transient(exc: BaseException) -> bool:
+    return isinstance(exc, KafkaError | ConnectionError | TimeoutError)
+
+
+def _names(partitions: set[TopicPartition]) -> list[str]:
+    return sorted(f"{tp.topic}:{tp.partition}" for tp in partitions)
+
+
+async def _first(*waits: Coroutine[Any, Any, Any]) -> None:
+    tasks = [asyncio.ensure_future(wait) for wait in waits]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+
