@@ -1,0 +1,345 @@
+"""A simulated Cassandra node for the crash simulation, and the worker's view of it.
+
+`SimCassandra` is the node: cells in `SimDb`, a request path with latency, and faults:
+frozen (SIGSTOP: requests wait), a process cut off by the network (its requests and
+their replies are held until the link heals, then delivered late), a coordinator crash
+(the unapplied partition shares of multi-partition LOGGED batches go to the batchlog and
+are replayed seconds later; those of UNLOGGED batches are lost), lease LWTs timing out
+with an unknown outcome, and the batch size limit.
+
+`SimStore` is the REAL `SettlementDb` code (statement builders, result parsing) over this
+node: only `run` is simulated, with the driver's client-side request timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from cassandra import InvalidRequest, OperationTimedOut, Unavailable, WriteTimeout, WriteType
+from cassandra.query import BatchType
+
+import settler.db
+from settler.db import SettlementDb
+from settler.lease import Holder
+from tests.unit.sim.world import Process, World
+from tests.unit.simdb import Mutation, RecordedBatch, SimDb
+
+PROBE = "SELECT release_version FROM system.local"
+
+
+def batch_bytes(batch: RecordedBatch) -> int:
+    """The data size the node counts against its batch size limit."""
+    size = 0
+    for _, parameters in batch.statements:
+        for value in parameters[:-1]:  # the last one is the write timestamp
+            if isinstance(value, int):
+                size += 8
+            elif isinstance(value, str | bytes):
+                size += len(value)
+            elif isinstance(value, dict):
+                size += 16 * len(value)
+    return size
+
+
+@dataclass
+class Faults:
+    """What may go wrong, with how likely, per request."""
+
+    request_error: float = 0.0  # a timeout (outcome unknown) or unavailable node
+    fail_threshold_bytes: int = 50 * 1024
+
+
+@dataclass
+class _Request:
+    process: Process
+    work: Callable[[], Any]
+    reply: Callable[[Any, BaseException | None], None]
+
+
+@dataclass
+class SimCassandra:
+    world: World
+    rng: random.Random
+    faults: Faults = field(default_factory=Faults)
+    db: SimDb = field(default_factory=SimDb)
+    lease: dict[str, Any] | None = None
+    frozen: bool = False
+    down: bool = False  # the coordinator crashed and is restarting
+    slow: bool = False  # every request takes seconds (compaction, GC, a sick disk)
+    write_errors: bool = False  # batches fail (timeouts, unavailable); reads and LWTs work
+    lease_errors: bool = False  # LWTs time out (outcome unknown); other requests do not
+    cut: set[str] = field(default_factory=set)  # processes cut off by the network
+    _held: list[_Request] = field(default_factory=list)  # arrived while frozen
+    _cut_held: dict[str, list[Callable[[], None]]] = field(
+        default_factory=lambda: defaultdict(list))
+    _applying: list[tuple[list[list[Mutation]], bool]] = field(default_factory=list)
+    batchlog_replays: int = 0
+    late_cells_lost: int = 0
+
+    # -- the request path ------------------------------------------------------------------
+
+    def latency(self) -> float:
+        if self.slow:
+            return self.rng.uniform(0.2, 4.0)
+        roll = self.rng.random()
+        if roll < 0.94:
+            return self.rng.uniform(0.0002, 0.003)
+        return self.rng.uniform(0.01, 0.3) if roll < 0.99 else self.rng.uniform(0.5, 2.0)
+
+    def send(self, request: _Request) -> None:
+        """A request leaves the client now; it reaches the node after the network."""
+        name = request.process.name
+
+        def arrive() -> None:
+            if not request.process.alive and self.rng.random() < 0.5:
+                return  # the client died with it unsent (its socket reset on close)
+            if self.frozen:
+                self._held.append(request)
+            elif self.down:
+                self._answer(request, None, Unavailable("coordinator restarting"))
+            else:
+                self._serve(request)
+
+        if name in self.cut:
+            self._cut_held[name].append(arrive)
+        else:
+            self.world.after(self.latency(), arrive)
+
+    def _serve(self, request: _Request) -> None:
+        try:
+            result, error = request.work(), None
+        except Exception as exc:  # noqa: BLE001 - the node answers with the error
+            result, error = None, exc
+        self._answer(request, result, error)
+
+    def _answer(self, request: _Request, result: Any, error: BaseException | None) -> None:
+        name = request.process.name
+
+        def deliver() -> None:
+            request.process.call_at(self.world.now, request.reply, result, error)
+
+        if name in self.cut:
+            self._cut_held[name].append(deliver)
+        else:
+            self.world.after(self.latency(), deliver)
+
+    # -- faults ----------------------------------------------------------------------------
+
+    def freeze(self) -> None:
+        self.frozen = True
+
+    def thaw(self) -> None:
+        self.frozen = False
+        held, self._held = self._held, []
+        for request in held:
+            self.world.after(self.rng.uniform(0, 0.01), lambda r=request: self._serve(r))
+
+    def cut_off(self, process: str) -> None:
+        self.cut.add(process)
+
+    def heal(self, process: str) -> None:
+        """The link comes back: everything held in the network arrives now, in order."""
+        self.cut.discard(process)
+        for delivery in self._cut_held.pop(process, []):
+            self.world.after(self.rng.uniform(0, 0.005), delivery)
+
+    def crash_coordinator(self, restart_after: float) -> None:
+        """Batches being applied are cut: the rest of a LOGGED one comes back from the
+        batchlog later (after 2 x write_request_timeout, checked every 10 s), the rest of
+        an UNLOGGED one never."""
+        for parts, logged in self._applying:
+            if logged and parts:
+                rest = list(parts)
+                replay_at = self.rng.uniform(4.0, 14.0)
+                self.world.after(replay_at, lambda rest=rest: self._replay(rest))
+            parts.clear()
+        self._applying.clear()
+        self.down = True
+        self.world.after(restart_after, self._restart)
+
+    def _restart(self) -> None:
+        self.down = False
+
+    def _replay(self, parts: list[list[Mutation]]) -> None:
+        self.batchlog_replays += 1
+        for part in parts:
+            self.late_cells_lost += self.db.apply(part)
+
+    # -- what the node does ----------------------------------------------------------------
+
+    def write(self, batch: RecordedBatch) -> None:
+        """Apply a batch: each partition's share isolated, shares at slightly different
+        moments (a multi-partition batch is atomic if LOGGED, never isolated)."""
+        logged = batch.batch_type is BatchType.LOGGED
+        if logged and batch_bytes(batch) > self.faults.fail_threshold_bytes:
+            raise InvalidRequest(f"Batch too large ({batch_bytes(batch)} bytes)")
+        if self.write_errors and self.rng.random() < 0.95:
+            # Writes fail for a while (replicas down for data, not for the lease's LWTs).
+            if self.rng.random() < 0.8:
+                raise Unavailable("not enough replicas for the write")
+            self._apply_later(batch, logged)
+            raise WriteTimeout("timed out waiting for replicas", write_type=WriteType.BATCH)
+        if self.rng.random() < self.faults.request_error:
+            if self.rng.random() < 0.5:
+                raise Unavailable("not enough replicas")
+            # A timeout after the coordinator took it: applied anyway, a bit later.
+            self._apply_later(batch, logged)
+            raise WriteTimeout("timed out waiting for replicas", write_type=WriteType.BATCH)
+        parts: dict[Any, list[Mutation]] = defaultdict(list)
+        for mutation in batch.mutations():
+            parts[mutation.replica_key].append(mutation)
+        shares = list(parts.values())
+        self.rng.shuffle(shares)
+        first, rest = shares[0], shares[1:]
+        self.late_cells_lost += self.db.apply(first)
+        if rest:
+            # The other shares land a moment later; a coordinator crash meanwhile cuts them.
+            pending = (rest, logged)
+            self._applying.append(pending)
+            for share in list(rest):
+                self.world.after(self.rng.uniform(0, 0.002),
+                                 lambda share=share, pending=pending: self._share(pending, share))
+
+    def _share(self, pending: tuple[list[list[Mutation]], bool], share: list[Mutation]) -> None:
+        parts, _ = pending
+        if share in parts:
+            parts.remove(share)
+            self.late_cells_lost += self.db.apply(share)
+        if not parts and pending in self._applying:
+            self._applying.remove(pending)
+
+    def _apply_later(self, batch: RecordedBatch, logged: bool) -> None:
+        mutations = batch.mutations()
+        self.world.after(self.rng.uniform(0.0, 3.0),
+                         lambda: setattr(self, "late_cells_lost",
+                                         self.late_cells_lost + self.db.apply(mutations)))
+
+    def lwt(self, operation: Callable[[], Any]) -> Any:
+        if self.lease_errors and self.rng.random() < 0.9:
+            if self.rng.random() < 0.5:
+                operation()  # applied, but the answer is lost
+            raise WriteTimeout("LWT timed out (outcome unknown)", write_type=WriteType.CAS)
+        return operation()
+
+
+class SimLeaseTable:
+    """The writer_lease row's lightweight transactions, linearizable at the node."""
+
+    def __init__(self, store: SimStore) -> None:
+        self.store = store
+        self.node = store.node
+
+    async def _lwt(self, operation: Callable[[], Any]) -> Any:
+        return await self.store.request(lambda: self.node.lwt(operation))
+
+    async def read(self) -> Holder | None:
+        def read() -> Holder | None:
+            row = self.node.lease
+            return None if row is None else Holder(row["owner"], row["epoch"],
+                                                   row["expires_at"], row["ts_ceiling"])
+        result: Holder | None = await self.store.request(read)
+        return result
+
+    async def create(self, owner: str, expires_ms: int, ceiling: int) -> bool:
+        def create() -> bool:
+            if self.node.lease is not None:
+                return False
+            self.node.lease = {"owner": owner, "epoch": 1, "expires_at": expires_ms,
+                               "ts_ceiling": ceiling}
+            return True
+        return bool(await self._lwt(create))
+
+    def _if(self, condition: Callable[[dict[str, Any]], bool], **changes: Any
+            ) -> Callable[[], bool]:
+        def update() -> bool:
+            row = self.node.lease
+            if row is None or not condition(row):
+                return False
+            row.update(changes)
+            return True
+        return update
+
+    async def take(self, owner: str, epoch: int, expires_ms: int, ceiling: int,
+                   expected_epoch: int) -> bool:
+        return bool(await self._lwt(self._if(
+            lambda row: row["epoch"] == expected_epoch,
+            owner=owner, epoch=epoch, expires_at=expires_ms, ts_ceiling=ceiling)))
+
+    async def renew(self, owner: str, epoch: int, expires_ms: int, ceiling: int) -> bool:
+        return bool(await self._lwt(self._if(
+            lambda row: (row["owner"], row["epoch"]) == (owner, epoch),
+            expires_at=expires_ms, ts_ceiling=ceiling)))
+
+    async def rotate(self, owner: str, epoch: int, new_epoch: int, expires_ms: int,
+                     ceiling: int) -> bool:
+        return bool(await self._lwt(self._if(
+            lambda row: (row["owner"], row["epoch"]) == (owner, epoch),
+            epoch=new_epoch, expires_at=expires_ms, ts_ceiling=ceiling)))
+
+    async def release(self, owner: str, epoch: int, ceiling: int) -> bool:
+        return bool(await self._lwt(self._if(
+            lambda row: (row["owner"], row["epoch"]) == (owner, epoch),
+            owner=None, expires_at=0, ts_ceiling=ceiling)))
+
+
+class SimStore(SettlementDb):
+    """The real SettlementDb over the simulated node (statement names stand in for
+    prepared statements; `RecordedBatch` for the driver's BatchStatement)."""
+
+    def __init__(self, node: SimCassandra, process: Process, request_timeout_s: float) -> None:
+        self.node = node
+        self.process = process
+        self.request_timeout_s = request_timeout_s
+        self._prepared = {name: name for name in settler.db._CQL}  # type: ignore[misc]
+
+    async def request(self, work: Callable[[], Any]) -> Any:
+        """Send `work` to the node; its answer, or the driver's OperationTimedOut."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+
+        def reply(result: Any, error: BaseException | None) -> None:
+            if future.done():
+                return  # the client gave up already: a late answer is dropped
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)
+
+        def give_up() -> None:
+            if not future.done():
+                future.set_exception(OperationTimedOut("client request timeout"))
+
+        self.node.send(_Request(self.process, work, reply))
+        timer = loop.call_later(self.request_timeout_s, give_up)
+        try:
+            return await future
+        finally:
+            timer.cancel()
+
+    async def run(self, statement: Any, parameters: Any = None) -> Any:
+        node = self.node
+        if isinstance(statement, RecordedBatch):
+            return await self.request(lambda: node.write(statement))
+        if statement == PROBE:
+            return await self.request(lambda: [("5.0.6",)])
+        return await self.request(lambda: node.db.select(statement, parameters or ()))
+
+    def lease_table(self) -> SimLeaseTable:
+        return SimLeaseTable(self)
+
+    async def server(self) -> str:
+        return "cassandra"
+
+    async def batch_fail_threshold(self) -> int | None:
+        return self.node.faults.fail_threshold_bytes
+
+    async def probe(self) -> None:
+        await self.run(PROBE)
+
+    async def close(self) -> None:
+        return None
