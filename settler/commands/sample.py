@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import logging
 import shutil
 import signal
 import sys
@@ -84,6 +85,10 @@ def _sample(args: argparse.Namespace, settings: Settings) -> int:
     if args.events <= 0 or args.users <= 0 or args.market_makers <= 0 or args.timeout <= 0:
         raise SystemExit("settler sample: error: --events, --users, --market-makers and "
                          "--timeout must be positive")
+    # The clients here log what their callers report better in one line (a topic that is
+    # about to be auto-created, a broker that does not answer); the worker logs its own.
+    for name in ("aiokafka", "cassandra"):
+        logging.getLogger(name).setLevel(logging.CRITICAL + 1)
     run = SampleRun(settings, args)
     if args.worker:
         return asyncio.run(run.with_worker())
@@ -168,6 +173,10 @@ class SampleRun:
             await asyncio.wait_for(producer.start(), 30)
             # Asking for the partitions creates the topic where the broker auto-creates.
             partitions = await asyncio.wait_for(producer.partitions_for(topic), 30)
+            with contextlib.suppress(KafkaError, TimeoutError):
+                # The dead-letter topic too, or the worker's first dead letter is preceded
+                # by the client logging an error about the topic not existing yet.
+                await asyncio.wait_for(producer.partitions_for(self.settings.dlq_topic), 10)
             base = time.time_ns() // 1000
             # Ids start at a clock-derived base so that a second run adds new events
             # instead of re-sending (and so skipping) the first run's.
