@@ -55,14 +55,18 @@ def register(subparsers: Any) -> None:
                     "that settling them in any interleaving of partitions never takes a "
                     "balance below zero.",
     )
-    parser.add_argument("--events", type=int, default=5000, help="valid events to publish")
-    parser.add_argument("--users", type=int, default=200)
-    parser.add_argument("--market-makers", type=int, default=2, metavar="N",
-                        help="market makers per partition that carries trades")
-    parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--duplicates", type=float, default=0.0, metavar="RATE",
+    parser.add_argument("--events", type=_positive, default=5000, metavar="N",
+                        help="valid events to publish, at least one funding deposit per user "
+                             "(default 5000)")
+    parser.add_argument("--users", type=_positive, default=200, metavar="N",
+                        help="users of the sample, ids 10001 and up (default 200)")
+    parser.add_argument("--market-makers", type=_positive, default=2, metavar="N",
+                        help="market makers per partition that carries trades (default 2)")
+    parser.add_argument("--seed", type=int, default=1, help="the same seed, the same stream "
+                        "(ids aside: they start at the clock, so reruns add new events)")
+    parser.add_argument("--duplicates", type=_rate, default=0.0, metavar="RATE",
                         help="share of re-sent duplicates (0..1)")
-    parser.add_argument("--malformed", type=float, default=0.0, metavar="RATE",
+    parser.add_argument("--malformed", type=_rate, default=0.0, metavar="RATE",
                         help="share of invalid records (0..1)")
     parser.add_argument("--wait", action="store_true",
                         help="wait until the worker has settled the sample, then summarize")
@@ -70,21 +74,42 @@ def register(subparsers: Any) -> None:
                         help="start `settler run` first, summarize once the sample is "
                              "settled, and keep the worker running until Ctrl-C (implies "
                              "--wait; what `make run` does)")
-    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="S",
-                        help=f"how long --wait waits (default {DEFAULT_TIMEOUT_S:g} s)")
+    parser.add_argument("--timeout", type=_positive_seconds, default=DEFAULT_TIMEOUT_S,
+                        metavar="S",
+                        help=f"how long --wait waits (default {DEFAULT_TIMEOUT_S:g})")
     parser.add_argument("--metrics", metavar="URL", default=None,
                         help="the settling worker's metrics endpoint, for the summary's "
                              "counts (default: http://127.0.0.1:SETTLER_METRICS_PORT)")
     parser.set_defaults(handler=_sample)
 
 
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def _rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a share between 0 and 1, got {text!r}")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected seconds > 0, got {text!r}")
+    return value
+
+
 def _sample(args: argparse.Namespace, settings: Settings) -> int:
-    for name in ("duplicates", "malformed"):
-        if not 0 <= getattr(args, name) <= 1:
-            raise SystemExit(f"settler sample: error: --{name} must be between 0 and 1")
-    if args.events <= 0 or args.users <= 0 or args.market_makers <= 0 or args.timeout <= 0:
-        raise SystemExit("settler sample: error: --events, --users, --market-makers and "
-                         "--timeout must be positive")
     # The clients here log what their callers report better in one line (a topic that is
     # about to be auto-created, a broker that does not answer); the worker logs its own.
     for name in ("aiokafka", "cassandra"):
@@ -101,6 +126,8 @@ def _sample(args: argparse.Namespace, settings: Settings) -> int:
 
 @dataclass
 class Published:
+    """A sample in the topic, and where it ends in each partition."""
+
     sample: Sample
     topic: str
     ends: dict[TopicPartition, int]  # one past the last offset written, per partition
@@ -158,6 +185,8 @@ class Counts:
 
 
 class SampleRun:
+    """One `settler sample`: publish, and for --wait / --worker follow and summarize."""
+
     def __init__(self, settings: Settings, args: argparse.Namespace) -> None:
         self.settings = settings
         self.args = args
