@@ -339,23 +339,26 @@ class SampleRun:
                 print(f"settler sample: the worker exited with code {child.returncode} "
                       "before the sample was settled (its log is above)", file=sys.stderr)
                 return child.returncode or 1
-        elif not following.result():
-            forward(signal.SIGTERM)
-            await exited
-            return 1
-        return await exited
+            return await exited  # stopped (Ctrl-C) before the sample was settled
+        followed = following.result()
+        code = await exited
+        return code if followed else (code or 1)
 
     async def _follow_for_worker(self) -> bool:
-        """False when the sample could not be published or followed (said on stderr)."""
+        """False when the sample could not be published or followed (said on stderr). The
+        worker is left running either way: it may still be settling, or retrying a broker
+        that is down, which its log shows."""
         try:
             await self._wait_for_endpoint()
             await self.publish_and_follow()
         except (SampleError, Unreachable) as exc:
             print(f"settler sample: {exc}", file=sys.stderr)
-            return False
+            followed = False
+        else:
+            followed = True
         print("the worker keeps running: Ctrl-C stops it (then `make down` stops Kafka and "
               "Cassandra)", flush=True)
-        return True
+        return followed
 
     async def _wait_for_endpoint(self, timeout_s: float = 60.0) -> None:
         deadline = time.monotonic() + timeout_s
