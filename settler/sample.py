@@ -304,10 +304,6 @@ class Sample:
     duplicates: int
     malformed: Counter[str]  # invalid records by the reason they must be dead-lettered with
 
-    @property
-    def trades(self) -> int:
-        return self.kinds["trade"]
-
 
 # Whole quote units per whole base unit where a market starts; other symbols start at 100.
 _START_PRICES: Final = {"BTC_USDT": 60_000, "ETH_USDT": 3_000}
@@ -333,7 +329,7 @@ class _Book:
                     quote_decimals=self.symbol.quote.decimals,
                     price_decimals=self.symbol.price_decimals)
 
-    def best(self, side: str, not_of: int) -> Order | None:
+    def best(self, side: str, not_of: int | None = None) -> Order | None:
         """The best resting order of `side` that `not_of` does not own (no self-trades)."""
         orders = [o for o in (self.buys if side == "buy" else self.sells) if o.user != not_of]
         if not orders:
@@ -502,12 +498,12 @@ class _Market:
             self.cancel(own[0])
         offset = self.rng.randint(1, 10) * book.step
         if side == "buy":
-            best_sell = book.best("sell", not_of=0)
+            best_sell = book.best("sell")
             price = book.mid - offset
             if best_sell is not None:
                 price = min(price, best_sell.price - book.step)
         else:
-            best_buy = book.best("buy", not_of=0)
+            best_buy = book.best("buy")
             price = book.mid + offset
             if best_buy is not None:
                 price = max(price, best_buy.price + book.step)
