@@ -24,11 +24,12 @@ down: venv
 status: venv
 	@$(BIN)/settler dev status
 
-# Stack + schema, a sample stream, then the worker in the foreground.
+# Stack + schema, then the worker with a sample market stream (a few duplicates and
+# malformed records on purpose): once it is settled, a summary and three next steps;
+# the worker keeps running in the foreground until Ctrl-C (then 'make down').
 run: up
-	@$(BIN)/settler sample --events 5000
-	@echo "worker starting: metrics http://127.0.0.1:9108/metrics, logs below (JSON on non-terminals), stack logs in .stack/logs/; stop with Ctrl-C, then 'make down'"
-	@$(BIN)/settler run
+	@echo "stack logs: .stack/logs/ (the worker logs below: JSON lines when not on a terminal)"
+	@$(BIN)/settler sample --events 5000 --duplicates 0.01 --malformed 0.002 --worker
 
 lint: venv
 	@$(BIN)/ruff check settler tests benchmarks

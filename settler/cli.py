@@ -26,6 +26,7 @@ COMMAND_MODULES = (
     "settler.commands.verify",
     "settler.commands.dlq",
     "settler.commands.sample",
+    "settler.commands.status",
 )
 
 
