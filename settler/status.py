@@ -31,7 +31,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from settler import cql, kafka, texttable
 from settler.config import Settings
-from settler.lease import Holder, WriterLease
+from settler.lease import CqlLeaseTable, Holder
 
 T = TypeVar("T")
 
@@ -189,7 +189,7 @@ class StatusReader:
     max_lag: int = DEFAULT_MAX_LAG
     _cluster: Cluster | None = None
     _session: Session | None = None
-    _lease: WriterLease | None = None
+    _lease: CqlLeaseTable | None = None
     _admin: AIOKafkaAdminClient | None = None
     _consumer: AIOKafkaConsumer | None = None
     _dlq: AIOKafkaConsumer | None = None
@@ -234,7 +234,7 @@ class StatusReader:
             if self._lease is None:
                 self._cluster, self._session = await asyncio.wait_for(asyncio.to_thread(
                     cql.connect, self.settings, keyspace=self.settings.keyspace), self.timeout_s)
-                self._lease = WriterLease(self._session, ttl_s=self.settings.lease_ttl_s)
+                self._lease = CqlLeaseTable(self._session)
             return await asyncio.wait_for(self._lease.read(), self.timeout_s)
         except TimeoutError:
             raise Unreachable(f"{where} did not answer within {self.timeout_s:g} s") from None
