@@ -73,6 +73,7 @@ class Pipeline:
         self._claims_tail: asyncio.Future[None] | None = None  # claims durable up to here
         self._group_bytes = 0
         self._group_rows = 0
+        self._produced_ms: list[int] = []  # Kafka timestamps of the open group's records
 
     # -- planning ----------------------------------------------------------------------------
 
@@ -114,12 +115,14 @@ class Pipeline:
             self._group_bytes += record + len(plan.claim.source) + (
                 rows - self._group_rows) * ROW_ESTIMATE
             self._group_rows = rows
+            self._produced_ms.append(item.record.timestamp)
 
     # -- issuing -----------------------------------------------------------------------------
 
     async def issue(self) -> None:
         """Send the open group: its claims at once, its LOGGED batch after the claims chain."""
         group = self.ledger.seal()
+        produced_ms, self._produced_ms = self._produced_ms, []
         self._group_bytes = self._group_rows = 0
         await self._slot()
         try:
@@ -131,7 +134,7 @@ class Pipeline:
                                          timestamp=timestamp)
         claimed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         after, self._claims_tail = self._claims_tail, claimed
-        self._spawn(self._land(group, claims, timestamp, after, claimed))
+        self._spawn(self._land(group, produced_ms, claims, timestamp, after, claimed))
 
     def _advance_frontier(self, group: Group) -> dict[str, int]:
         """The frontier records this group's claims carry: per input partition, the
@@ -179,7 +182,7 @@ class Pipeline:
             raise Stopping  # never write without a valid lease; the next writer re-reads
         await self.store.run(statement)
 
-    async def _land(self, group: Group, claims: Any, timestamp: int,
+    async def _land(self, group: Group, produced_ms: list[int], claims: Any, timestamp: int,
                     after: asyncio.Future[None] | None, claimed: asyncio.Future[None]) -> None:
         """Make the group's claims durable, wait until every earlier group's claims are
         too, then execute its batch until it is durable; settle its events only if the
@@ -201,7 +204,7 @@ class Pipeline:
                 claimed.cancel()  # later groups must not go ahead of a missing claim
         if not self.tenure.valid:
             return  # acknowledged too late: another writer may have read the rows before
-        self._landed(group, started)
+        self._landed(group, produced_ms, started)
 
     async def _send_part(self, group: Group, writes: Sequence[Write], timestamp: int, *,
                          whole: bool = False) -> None:
@@ -233,20 +236,20 @@ class Pipeline:
         log.error("settlement batch rejected", error=repr(exc), first_event=str(first))
         self.ended.set()
 
-    def _landed(self, group: Group, started: float) -> None:
+    def _landed(self, group: Group, produced_ms: list[int], started: float) -> None:
         self.ledger.landed(group)
         now = time.time()
         metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
         offsets, latency, registry = self.offsets, metrics.SETTLE_LATENCY, self.registry
         tp_of: dict[tuple[str, int], TopicPartition] = {}
-        for write in group.writes:
+        for write, produced in zip(group.writes, produced_ms, strict=True):
             position = write.position
             key = (position.topic, position.partition)
             tp = tp_of.get(key)
             if tp is None:
                 tp = tp_of[key] = TopicPartition(position.topic, position.partition)
             offsets.settle(tp, position.offset)
-            latency.observe(max(0.0, now - write.event.time / 1000))
+            latency.observe(max(0.0, now - produced / 1000))  # from the record's produce time
             metrics.event(kind(write.event), write.outcome)
             if write.negative_rows:
                 _anomalies(write, registry)
