@@ -25,7 +25,7 @@ from aiokafka.errors import KafkaError
 from cassandra import InvalidRequest
 
 from settler import cql, kafka, logs, metrics
-from settler.config import ConfigError, Settings
+from settler.config import ConfigError, ConnectionSettingError, Settings
 from settler.db import SettlementDb, id_bucket
 from settler.events import Event, Rejected, decode, kind
 from settler.lease import Holder, LeaseLost, WriterLease
@@ -49,6 +49,7 @@ SHUTDOWN_BUDGET_S = DRAIN_TIMEOUT_S + 3 * CLOSE_TIMEOUT_S
 """The longest a SIGTERM may take to exit 0: drain, then commit, close the clients and
 release the lease, each bounded. Tests and docs refer to this one value."""
 LOAD_CONCURRENCY = 64
+KAFKA_CHECK_TIMEOUT_S = 5.0
 
 
 class SessionEnd(StrEnum):
@@ -116,7 +117,24 @@ class Worker:
             log.error("the keyspace or its tables are missing: run `settler schema apply`",
                       keyspace=self.settings.keyspace, error=str(exc))
             return 1
+        except ConnectionSettingError as exc:
+            self._refused("cql", exc)
+            server.close()
+            raise
         self.health.checks["cql"] = True
+        # A refused Kafka login must end a standby too, not only the writer that would
+        # meet it when its session starts. One bounded attempt: a broker that is merely
+        # down is the writer session's to wait for.
+        try:
+            await asyncio.wait_for(kafka.check(self.settings), KAFKA_CHECK_TIMEOUT_S)
+        except ConnectionSettingError as exc:
+            self._refused("kafka", exc)
+            await db.close()
+            server.close()
+            raise
+        except (KafkaError, OSError, TimeoutError) as exc:
+            log.warning("Kafka not reachable yet; the writer session retries",
+                        error=repr(exc))
         # Readiness follows the database even while idle: without traffic no call would
         # notice it going away, or coming back.
         probe = asyncio.ensure_future(self.health.probe("cql", lambda: db.run(PROBE_CQL)))
@@ -176,6 +194,14 @@ class Worker:
                 log.error("writer lease lost to another worker; back to standby")
         return 0
 
+    def _refused(self, check: str, exc: ConnectionSettingError) -> None:
+        """Readiness and the log say which setting a server refused; the command then
+        exits 2 with the same line."""
+        self.health.checks[check] = False
+        self.health.error = str(exc)
+        log.error("connection refused by the server: a setting is wrong, not retrying",
+                  setting=exc.setting, server=exc.server, error=str(exc))
+
     def _cql_down(self, exc: BaseException) -> None:
         self._health_check("cql", ok=False)
         metrics.retry("cql_lease")
@@ -213,7 +239,7 @@ class Worker:
 
 
 def _kafka_transient(exc: BaseException) -> bool:
-    return isinstance(exc, KafkaError | ConnectionError | TimeoutError)
+    return kafka.is_transient(exc)  # a refused login or certificate is never transient
 
 
 class WriterSession(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -254,6 +280,10 @@ class WriterSession(ConsumerRebalanceListener):  # type: ignore[misc]
         except Stopping:
             await self._close_clients()
             return SessionEnd.STOPPED
+        except ConnectionSettingError as exc:
+            self.worker._refused("kafka", exc)
+            await self._close_clients()
+            raise
         self.health.checks["kafka"] = True
         self.consumer.subscribe(list(self.settings.topics), listener=self)
         helpers = [
