@@ -232,7 +232,7 @@ class Settings:
     kafka_security_protocol: str
     kafka_sasl_mechanism: str
     kafka_sasl_username: str | None
-    kafka_sasl_password: str | None
+    kafka_sasl_password: str | None = field(repr=False)  # a secret: see redacted()
     kafka_ssl_cafile: str | None
     kafka_ssl_certfile: str | None
     kafka_ssl_keyfile: str | None
@@ -242,7 +242,7 @@ class Settings:
     cql_consistency: str
     cql_local_dc: str | None
     cql_username: str | None
-    cql_password: str | None
+    cql_password: str | None = field(repr=False)  # a secret: see redacted()
     cql_ssl_cafile: str | None
     cql_ssl_certfile: str | None
     cql_ssl_keyfile: str | None

@@ -169,7 +169,9 @@ def setting_problem(exc: NoHostAvailable, settings: Settings) -> ConnectionSetti
     """The setting behind a failed connect, when a node refused the login or the TLS
     handshake failed on a certificate; None when it may be transient (a node down, or an
     authentication that failed on the server's side, such as an unavailable auth table)."""
-    for endpoint, error in (exc.errors or {}).items():
+    # A session that found no pool to open reports a list of hosts, not errors by host.
+    errors = exc.errors if isinstance(exc.errors, dict) else {}
+    for endpoint, error in errors.items():
         server = str(endpoint)
         node = f"the CQL server at {server}"
         if isinstance(error, AuthenticationFailed):
@@ -178,7 +180,10 @@ def setting_problem(exc: NoHostAvailable, settings: Settings) -> ConnectionSetti
                 return ConnectionSettingError(
                     "SETTLER_CQL_USERNAME/SETTLER_CQL_PASSWORD", server,
                     f"{node} requires a username and password; none is set")
-            if "Bad credentials" in text or "incorrect" in text:
+            # Cassandra: "Provided username X and/or password are incorrect"; ScyllaDB:
+            # "Username and/or password are incorrect". The same error code also carries
+            # server-side failures (an unavailable auth table), which are transient.
+            if "incorrect" in text:
                 found = _SERVER_MESSAGE.search(text)
                 return ConnectionSettingError(
                     "SETTLER_CQL_USERNAME/SETTLER_CQL_PASSWORD", server,

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 from settler.config import Settings
 
 if TYPE_CHECKING:
-    from settler.devstack_secure import Material
+    from settler.devstack_secure import Material, SecurePorts
 
 __all__ = [
     "SECURE_SERVICE",
@@ -59,6 +59,7 @@ __all__ = [
     "print_status",
     "resolve_classpaths",
     "resume",
+    "secure_mode_running",
     "server_versions",
     "stack_dir",
     "status",
@@ -124,6 +125,11 @@ class Ports:
     @property
     def cassandra_secure_storage(self) -> int:
         return self.cassandra_storage + SECURE_CQL_OFFSET
+
+    def secure(self) -> SecurePorts:
+        from settler.devstack_secure import SecurePorts
+
+        return SecurePorts(self.kafka_sasl_ssl, self.kafka_ssl, self.cql_secure)
 
     def of(self, service: str, *, secure: bool = False) -> dict[str, int]:
         if service == "kafka":
@@ -854,7 +860,7 @@ def up(settings: Settings, *, secure: bool = False, timeout_s: float = 240.0,
 
 
 def _secure_material(ports: Ports, say: Callable[[str], None]) -> Material:
-    from settler.devstack_secure import SecurePorts, ensure_material, write_settings_file
+    from settler.devstack_secure import ensure_material, write_settings_file
 
     material, made = ensure_material()
     if made:
@@ -863,8 +869,7 @@ def _secure_material(ports: Ports, say: Callable[[str], None]) -> Material:
         if stale.exists() and _pid_of(SECURE_SERVICE) is None:
             # Its roles were made for passwords that no longer exist.
             shutil.rmtree(stale)
-    write_settings_file(material, SecurePorts(ports.kafka_sasl_ssl, ports.kafka_ssl,
-                                              ports.cql_secure))
+    write_settings_file(material, ports.secure())
     return material
 
 
@@ -1067,6 +1072,15 @@ def _release_version(service: str, ports: Ports) -> str | None:
         material = load_material()
         return cql_release_version(ports.cql_secure, material) if material else None
     return _cql_release_version(ports.cql)
+
+
+def secure_mode_running() -> bool:
+    """Whether Kafka runs with the secure listeners, the secure Cassandra runs, and the
+    secure material exists (what `settler dev up --secure` leaves behind)."""
+    from settler.devstack_secure import load_material
+
+    return (_kafka_runs_secure() and _pid_of("kafka") is not None
+            and _pid_of(SECURE_SERVICE) is not None and load_material() is not None)
 
 
 def mode_line(settings: Settings) -> str:

@@ -98,11 +98,17 @@ class Material:
         """A settler TOML config for the secure paths: `settler --config <it> run`."""
         return self.directory / "settler.toml"
 
-    def secret_values(self) -> list[str]:
-        """Every secret a log line must never show: passwords and private key bodies."""
-        keys = [_pem_body(path) for path in (self.ca_key, self.server_key, self.client_key)]
-        return [self.kafka_password, self.cql_password, self.admin_password,
-                self.keystore_password, *keys]
+    def secrets(self) -> dict[str, str]:
+        """Every secret no output may show, by name: the passwords and the private keys
+        (their base64 bodies)."""
+        return {
+            "kafka password": self.kafka_password,
+            "cql password": self.cql_password,
+            "cql admin password": self.admin_password,
+            "keystore password": self.keystore_password,
+            **{f"private key {path.name}": _pem_body(path)
+               for path in (self.ca_key, self.server_key, self.client_key)},
+        }
 
     def settler_environ(self, ports: SecurePorts, *, kafka: str = "scram") -> dict[str, str]:
         """SETTLER_* variables for the secure paths: Kafka over SASL_SSL with SCRAM-SHA-512
@@ -110,29 +116,30 @@ class Material:
         over TLS with the `settler` role's password."""
         if kafka not in KAFKA_MODES:
             raise ValueError(f"kafka must be one of {KAFKA_MODES}, got {kafka!r}")
-        environ = {
-            "SETTLER_KAFKA_SSL_CAFILE": str(self.ca_file),
-            "SETTLER_CQL_CONTACT_POINTS": f"127.0.0.1:{ports.cql}",
-            "SETTLER_CQL_USERNAME": CQL_USER,
-            "SETTLER_CQL_PASSWORD": self.cql_password,
-            "SETTLER_CQL_SSL_CAFILE": str(self.ca_file),
-        }
         if kafka == "mtls":
-            environ.update({
+            environ = {
                 "SETTLER_KAFKA_BOOTSTRAP": f"127.0.0.1:{ports.kafka_ssl}",
                 "SETTLER_KAFKA_SECURITY_PROTOCOL": "SSL",
+                "SETTLER_KAFKA_SSL_CAFILE": str(self.ca_file),
                 "SETTLER_KAFKA_SSL_CERTFILE": str(self.client_cert),
                 "SETTLER_KAFKA_SSL_KEYFILE": str(self.client_key),
-            })
+            }
         else:
-            environ.update({
+            environ = {
                 "SETTLER_KAFKA_BOOTSTRAP": f"127.0.0.1:{ports.kafka_sasl_ssl}",
                 "SETTLER_KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
                 "SETTLER_KAFKA_SASL_MECHANISM": "SCRAM-SHA-512" if kafka == "scram" else "PLAIN",
                 "SETTLER_KAFKA_SASL_USERNAME": KAFKA_USER,
                 "SETTLER_KAFKA_SASL_PASSWORD": self.kafka_password,
-            })
-        return environ
+                "SETTLER_KAFKA_SSL_CAFILE": str(self.ca_file),
+            }
+        return {
+            **environ,
+            "SETTLER_CQL_CONTACT_POINTS": f"127.0.0.1:{ports.cql}",
+            "SETTLER_CQL_USERNAME": CQL_USER,
+            "SETTLER_CQL_PASSWORD": self.cql_password,
+            "SETTLER_CQL_SSL_CAFILE": str(self.ca_file),
+        }
 
 
 def secure_dir() -> Path:
@@ -322,12 +329,17 @@ def kafka_properties(material: Material) -> str:
     return Template(template).substitute(_substitutions(material))
 
 
+def salted_password(digest: str, password: str, salt: bytes, iterations: int) -> bytes:
+    """RFC 5802's SaltedPassword = Hi(password, salt, i), which is PBKDF2 with the
+    mechanism's HMAC: what the broker stores (with the salt) instead of the password."""
+    return hashlib.pbkdf2_hmac(digest, password.encode(), salt, iterations)
+
+
 def _scram_upserts(password: str) -> list[tuple[Any, ...]]:
     upserts: list[tuple[Any, ...]] = []
     for mechanism_id, digest in SCRAM_MECHANISMS.values():
         salt = secrets.token_bytes(32)
-        # RFC 5802 SaltedPassword = Hi(password, salt, i): PBKDF2 with the mechanism's HMAC.
-        salted = hashlib.pbkdf2_hmac(digest, password.encode(), salt, SCRAM_ITERATIONS)
+        salted = salted_password(digest, password, salt, SCRAM_ITERATIONS)
         upserts.append((KAFKA_USER, mechanism_id, SCRAM_ITERATIONS, salt, salted, {}))
     return upserts
 

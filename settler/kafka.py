@@ -12,6 +12,7 @@ protocol the listener does not speak. `is_transient` is the retry predicate to u
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -95,8 +96,17 @@ class _Diagnosing:
         except KafkaConnectionError:
             problem = await diagnose(self._settler_settings)
             if problem is not None:
+                # Nobody retries this client: release it here, since callers that start a
+                # client outside their try/finally would leave it to the garbage collector.
+                await self._release()
                 raise problem from None
             raise
+
+    async def _release(self) -> None:
+        stop = getattr(self, "stop", None) or getattr(self, "close", None)
+        if stop is not None:
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.wait_for(stop(), DIAGNOSE_TIMEOUT_S)
 
 
 class Consumer(_Diagnosing, AIOKafkaConsumer):  # type: ignore[misc]

@@ -199,7 +199,7 @@ class Worker:
         exits 2 with the same line."""
         self.health.checks[check] = False
         self.health.error = str(exc)
-        log.error("connection refused by the server: a setting is wrong, not retrying",
+        log.error("a server refused the settings; exiting without retry",
                   setting=exc.setting, server=exc.server, error=str(exc))
 
     def _cql_down(self, exc: BaseException) -> None:
