@@ -15,7 +15,6 @@ import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from settler import devstack
 from settler.config import load_settings
@@ -179,8 +178,3 @@ def forwarder(listen_host: str, target_port: int) -> Iterator[Forwarder]:
     finally:
         proxy.close()
 
-
-def scratch_dir(base: Path, name: str) -> Path:
-    path = base / name
-    path.mkdir(parents=True, exist_ok=True)
-    return path

@@ -62,6 +62,7 @@ class SecureRun:
     user_id: int
     api_status: int = 0
     api_body: Any = None
+    api_unknown_key_status: int = 0
     committed_after_replay: dict[TopicPartition, int] = field(default_factory=dict)
     key_hashes: list[bytes] = field(default_factory=list)
     api_keys: list[str] = field(default_factory=list)
@@ -91,8 +92,9 @@ async def _produce_over_sasl_plain(settings: Settings, records: list[SampleRecor
 
 
 async def _serve_api_and_get(transcript: Transcript, environ: dict[str, str], api_key: str
-                             ) -> tuple[int, Any]:
-    """`settler api` as a process: GET /v1/balances with the key, then SIGTERM."""
+                             ) -> tuple[int, Any, int]:
+    """`settler api` as a process: GET /v1/balances with the key (status, body) and with an
+    unknown key (status), its /metrics into the transcript, then SIGTERM."""
     port = harness.free_port()
     environ = {**environ, "SETTLER_API_HOST": "127.0.0.1", "SETTLER_API_PORT": str(port)}
     proc = await asyncio.create_subprocess_exec(
@@ -103,12 +105,16 @@ async def _serve_api_and_get(transcript: Transcript, environ: dict[str, str], ap
             for _ in range(300):
                 try:
                     response = await http.get("/v1/balances", headers={"X-API-Key": api_key})
-                    return response.status_code, response.json()
+                    break
                 except httpx.TransportError:
                     if proc.returncode is not None:
-                        return -1, None
+                        return -1, None, -1
                     await asyncio.sleep(0.1)
-        return -1, None
+            else:
+                return -1, None, -1
+            unknown = await http.get("/v1/balances", headers={"X-API-Key": "sk_" + "0" * 40})
+            transcript.add("settler api /metrics", (await http.get("/metrics")).text)
+            return response.status_code, response.json(), unknown.status_code
     finally:
         if proc.returncode is None:
             proc.send_signal(signal.SIGTERM)
@@ -156,8 +162,8 @@ async def secure_run(secure: SecureStack, registry: Registry,
                        if line.startswith("api_key: "))
         result = SecureRun(env, records, worker_code, runs, transcript, user_id,
                            api_keys=[api_key])
-        result.api_status, result.api_body = await _serve_api_and_get(
-            transcript, environ, api_key)
+        (result.api_status, result.api_body,
+         result.api_unknown_key_status) = await _serve_api_and_get(transcript, environ, api_key)
         result.key_hashes = [row[0] for row in harness.read_rows(
             env.settings, "SELECT key_hash FROM api_keys")]
 
@@ -220,6 +226,7 @@ def test_api_serves_a_key_owner_over_cql_tls_with_a_password(secure_run: SecureR
     assert secure_run.api_status == 200, secure_run.transcript.outputs.get("settler api")
     assert secure_run.api_body["user_id"] == secure_run.user_id
     assert secure_run.api_body["balances"], "the key's owner has balances"
+    assert secure_run.api_unknown_key_status == 401
 
 
 def test_replay_command_rewinds_the_group_over_sasl_ssl(secure_run: SecureRun) -> None:
