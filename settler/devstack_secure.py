@@ -15,11 +15,14 @@ import re
 import secrets
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from string import Template
 from typing import Any, TypeAlias
 
+from aiokafka.client import AIOKafkaClient
+from aiokafka.conn import create_conn
+from aiokafka.errors import KafkaError
 from aiokafka.protocol.api import Request, RequestStruct, Response
 from aiokafka.protocol.types import (
     CompactArray,
@@ -31,7 +34,18 @@ from aiokafka.protocol.types import (
     Schema,
     TaggedFields,
 )
+from cassandra import AuthenticationFailed, DriverException
+from cassandra.auth import PlainTextAuthProvider
+from cassandra.cluster import (
+    EXEC_PROFILE_DEFAULT,
+    Cluster,
+    ExecutionProfile,
+    NoHostAvailable,
+)
+from cassandra.io.asyncioreactor import AsyncioConnection
+from cassandra.policies import WhiteListRoundRobinPolicy
 
+from settler import tls
 from settler.devstack import DevStackError, deploy_dir, stack_dir
 
 KAFKA_USER = "settler"
@@ -59,10 +73,11 @@ class Material:
     """The secure mode's certificates, keys and passwords, as files under `directory`."""
 
     directory: Path
-    kafka_password: str
-    cql_password: str
-    admin_password: str
-    keystore_password: str
+    # Kept out of repr: a failing test or a traceback prints the objects it holds.
+    kafka_password: str = field(repr=False)
+    cql_password: str = field(repr=False)
+    admin_password: str = field(repr=False)
+    keystore_password: str = field(repr=False)
 
     @property
     def ca_file(self) -> Path:
@@ -347,8 +362,6 @@ def _scram_upserts(password: str) -> list[tuple[Any, ...]]:
 async def ensure_kafka_users(plain_bootstrap: str, material: Material) -> None:
     """Create (or reset) the SCRAM-SHA-256/512 credentials of the `settler` user, through
     the plain listener (which needs none)."""
-    from aiokafka.client import AIOKafkaClient
-
     client = AIOKafkaClient(bootstrap_servers=plain_bootstrap, request_timeout_ms=10_000)
     await client.bootstrap()
     try:
@@ -422,11 +435,6 @@ class AlterUserScramCredentials(Request[_AlterUserScramCredentialsStruct]):  # t
 
 async def kafka_login_works(port: int, material: Material) -> bool:
     """Whether a SCRAM-SHA-512 login over SASL_SSL on `port` succeeds now."""
-    from aiokafka.conn import create_conn
-    from aiokafka.errors import KafkaError
-
-    from settler import tls
-
     context = tls.client_context(setting_prefix="SETTLER_KAFKA_SSL",
                                  cafile=str(material.ca_file), certfile=None, keyfile=None)
     try:
@@ -465,14 +473,7 @@ def cassandra_yaml(material: Material) -> str:
 
 
 def _cql_cluster(port: int, material: Material, user: str | None, password: str | None,
-                 timeout_s: float) -> Any:
-    from cassandra.auth import PlainTextAuthProvider
-    from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile
-    from cassandra.io.asyncioreactor import AsyncioConnection
-    from cassandra.policies import WhiteListRoundRobinPolicy
-
-    from settler import tls
-
+                 timeout_s: float) -> Cluster:
     context = tls.client_context(setting_prefix="SETTLER_CQL_SSL",
                                  cafile=str(material.ca_file), certfile=None, keyfile=None)
     profile = ExecutionProfile(
@@ -495,26 +496,26 @@ def _cql_run(port: int, material: Material, user: str, password: str,
         for statement in statements:
             session.execute(statement, timeout=timeout_s)
         row = session.execute("SELECT release_version FROM system.local").one()
-        return str(row.release_version)
+        return str(row.release_version) if row is not None else "unknown"
     finally:
         cluster.shutdown()
 
 
-def _bad_credentials(exc: BaseException) -> bool:
-    from cassandra import AuthenticationFailed
-    from cassandra.cluster import NoHostAvailable
+def _errors(exc: BaseException) -> list[BaseException]:
+    """The per-host errors of a failed connect (NoHostAvailable may hold a host list)."""
+    if isinstance(exc, NoHostAvailable):
+        return list(exc.errors.values()) if isinstance(exc.errors, dict) else []
+    return [exc]
 
-    errors = exc.errors.values() if isinstance(exc, NoHostAvailable) else [exc]
+
+def _bad_credentials(exc: BaseException) -> bool:
     return any(isinstance(error, AuthenticationFailed) and "incorrect" in str(error)
-               for error in errors)
+               for error in _errors(exc))
 
 
 def cql_release_version(port: int, material: Material, timeout_s: float = 5.0) -> str | None:
     """`release_version` of the secure node over TLS as the admin role, or None when it does
     not answer (or the admin role does not exist yet)."""
-    from cassandra import DriverException
-    from cassandra.cluster import NoHostAvailable
-
     try:
         return _cql_run(port, material, CQL_ADMIN, material.admin_password, [], timeout_s)
     except (DriverException, NoHostAvailable, OSError):
@@ -524,14 +525,11 @@ def cql_release_version(port: int, material: Material, timeout_s: float = 5.0) -
 def cql_answers(port: int, material: Material, timeout_s: float = 5.0) -> bool:
     """Whether the secure node speaks CQL over TLS: it asks for credentials, which is enough
     (the roles may not exist yet)."""
-    from cassandra import AuthenticationFailed, DriverException
-    from cassandra.cluster import NoHostAvailable
-
     cluster = _cql_cluster(port, material, None, None, timeout_s)
     try:
         cluster.connect()
     except NoHostAvailable as exc:
-        return any(isinstance(error, AuthenticationFailed) for error in exc.errors.values())
+        return any(isinstance(error, AuthenticationFailed) for error in _errors(exc))
     except (DriverException, OSError):
         return False
     else:
@@ -543,9 +541,6 @@ def cql_answers(port: int, material: Material, timeout_s: float = 5.0) -> bool:
 def ensure_cassandra_roles(port: int, material: Material, timeout_s: float = 90.0) -> str:
     """Make `settler_admin` the superuser (dropping the default `cassandra`) and create the
     `settler` login role; idempotent. Returns the node's release_version."""
-    from cassandra import DriverException
-    from cassandra.cluster import NoHostAvailable
-
     deadline = time.monotonic() + timeout_s
     app_role = (f"CREATE ROLE IF NOT EXISTS {CQL_USER} WITH PASSWORD = "
                 f"'{material.cql_password}' AND LOGIN = true AND SUPERUSER = false")
