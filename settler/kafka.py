@@ -103,10 +103,13 @@ class _Diagnosing:
             raise
 
     async def _release(self) -> None:
-        stop = getattr(self, "stop", None) or getattr(self, "close", None)
-        if stop is not None:
-            with contextlib.suppress(Exception, asyncio.CancelledError):
-                await asyncio.wait_for(stop(), DIAGNOSE_TIMEOUT_S)
+        # aiokafka may re-raise the CancelledError of one of its own tasks on stop; the
+        # refusal is what the caller must see.
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            await asyncio.wait_for(self._stop(), DIAGNOSE_TIMEOUT_S)
+
+    async def _stop(self) -> None:
+        await self.stop()  # type: ignore[attr-defined]
 
 
 class Consumer(_Diagnosing, AIOKafkaConsumer):  # type: ignore[misc]
@@ -125,6 +128,9 @@ class Admin(_Diagnosing, AIOKafkaAdminClient):  # type: ignore[misc]
     def __init__(self, settings: Settings, **options: Any) -> None:
         super().__init__(**options)
         self._settler_settings = settings
+
+    async def _stop(self) -> None:
+        await self.close()
 
 
 def consumer(settings: Settings, **overrides: Any) -> Consumer:
