@@ -38,11 +38,12 @@ lint: venv
 unit: venv
 	@$(BIN)/pytest tests/unit -q $(PYTEST_ARGS)
 
-# Lint and type checks, then every test against a freshly started stack, which is
-# stopped afterwards whatever the outcome.
+# Lint and type checks, then every test against a freshly started stack (in its secure
+# mode: TLS/SASL listeners and a password-protected Cassandra beside the plain ones, for
+# tests/integration/test_secure_*.py), which is stopped afterwards whatever the outcome.
 test: lint
 	@bash deploy/prometheus/ensure-prometheus.sh
-	@$(BIN)/settler dev up
+	@$(BIN)/settler dev up --secure
 	@status=0; $(BIN)/pytest -rfE --durations=15 $(PYTEST_ARGS) || status=$$?; \
 	  $(BIN)/settler dev down; exit $$status
 

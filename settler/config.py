@@ -25,6 +25,19 @@ class ConfigError(ValueError):
     """A setting has an invalid value; the message names the setting."""
 
 
+class ConnectionSettingError(ConfigError):
+    """A server refused a connection for a reason no retry can fix (a wrong password, an
+    untrusted or mismatched certificate): one line naming the setting and the server.
+
+    Not transient by construction, so a retry loop re-raises it and the command exits 2
+    within seconds instead of retrying what looks like an outage."""
+
+    def __init__(self, setting: str, server: str, problem: str) -> None:
+        super().__init__(f"{setting}: {problem}")
+        self.setting = setting
+        self.server = server
+
+
 def _str_list(value: str) -> tuple[str, ...]:
     items = tuple(part.strip() for part in value.split(",") if part.strip())
     if not items:
@@ -187,6 +200,12 @@ OPTIONS: dict[str, Option] = {
     "cql_ssl_cafile": Option("", _optional_str, "CA bundle for CQL TLS (enables TLS)"),
     "cql_ssl_certfile": Option("", _optional_str, "client certificate for CQL TLS"),
     "cql_ssl_keyfile": Option("", _optional_str, "client key for CQL TLS"),
+    "cql_ssl_check_hostname": Option(
+        "true", _bool,
+        "check that each node's certificate names the IP address the driver connects to"
+        " (the driver reaches every node by the address the cluster reports); false: check"
+        " the CA chain only",
+    ),
     "cql_request_timeout_s": Option("10", _positive_int, "CQL client request timeout (s)"),
     "registry": Option(str(DEFAULT_REGISTRY), _existing_file, "asset registry TOML file"),
     "metrics_host": Option("0.0.0.0", _text, "address of /metrics, /healthz, /readyz"),
@@ -249,7 +268,7 @@ class Settings:
     kafka_security_protocol: str
     kafka_sasl_mechanism: str
     kafka_sasl_username: str | None
-    kafka_sasl_password: str | None
+    kafka_sasl_password: str | None = field(repr=False)  # a secret: see redacted()
     kafka_ssl_cafile: str | None
     kafka_ssl_certfile: str | None
     kafka_ssl_keyfile: str | None
@@ -259,10 +278,11 @@ class Settings:
     cql_consistency: str
     cql_local_dc: str | None
     cql_username: str | None
-    cql_password: str | None
+    cql_password: str | None = field(repr=False)  # a secret: see redacted()
     cql_ssl_cafile: str | None
     cql_ssl_certfile: str | None
     cql_ssl_keyfile: str | None
+    cql_ssl_check_hostname: bool
     cql_request_timeout_s: int
     registry: Path
     metrics_host: str

@@ -2,18 +2,21 @@
 
 The driver runs its own I/O thread; `run()` bridges a driver ResponseFuture into an
 asyncio future on the caller's loop. Which driver errors are worth retrying is decided
-here, once, by `is_transient()`.
+here, once, by `is_transient()`. The driver reports a refused login or certificate as "no
+host available", like an outage; clusters made here raise `ConnectionSettingError` (exit 2,
+one line naming the setting and the server) for those instead.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
-import ssl
 from collections.abc import Sequence
 from typing import Any
 
 from cassandra import (
+    AuthenticationFailed,
     ConsistencyLevel,
     InvalidRequest,
     OperationTimedOut,
@@ -36,7 +39,8 @@ from cassandra.policies import DCAwareRoundRobinPolicy, RoundRobinPolicy, TokenA
 from cassandra.protocol import ServerError
 from cassandra.query import tuple_factory
 
-from settler.config import ConfigError, Settings
+from settler import tls
+from settler.config import ConfigError, ConnectionSettingError, Settings
 
 
 class MissingResult(Exception):
@@ -106,12 +110,22 @@ def make_cluster(settings: Settings, *, request_timeout_s: float | None = None) 
     auth = None
     if settings.cql_username:
         auth = PlainTextAuthProvider(settings.cql_username, settings.cql_password or "")
+    elif settings.cql_password:
+        raise ConfigError("SETTLER_CQL_PASSWORD is set without SETTLER_CQL_USERNAME")
     ssl_context = None
     if settings.cql_ssl_cafile:
-        ssl_context = ssl.create_default_context(cafile=settings.cql_ssl_cafile)
-        if settings.cql_ssl_certfile:
-            ssl_context.load_cert_chain(settings.cql_ssl_certfile, settings.cql_ssl_keyfile)
-    return Cluster(
+        ssl_context = tls.client_context(
+            setting_prefix="SETTLER_CQL_SSL",
+            cafile=settings.cql_ssl_cafile,
+            certfile=settings.cql_ssl_certfile,
+            keyfile=settings.cql_ssl_keyfile,
+            check_hostname=settings.cql_ssl_check_hostname,
+        )
+    elif settings.cql_ssl_certfile or settings.cql_ssl_keyfile:
+        raise ConfigError("SETTLER_CQL_SSL_CERTFILE/SETTLER_CQL_SSL_KEYFILE are set without "
+                          "SETTLER_CQL_SSL_CAFILE, which is what turns TLS on")
+    return SettlerCluster(
+        settings,
         contact_points=hosts,
         port=port,
         execution_profiles={EXEC_PROFILE_DEFAULT: profile},
@@ -128,6 +142,84 @@ def make_cluster(settings: Settings, *, request_timeout_s: float | None = None) 
         # worker's produce -> settled latency (BENCHMARKS.md, Optimizations).
         sockopts=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
     )
+
+
+class SettlerCluster(Cluster):  # type: ignore[misc]
+    """A driver Cluster whose connect() tells a refused login or certificate (a setting no
+    retry fixes) from an unreachable cluster."""
+
+    def __init__(self, settings: Settings, **options: Any) -> None:
+        super().__init__(**options)
+        self._settler_settings = settings
+
+    def connect(self, *args: Any, **kwargs: Any) -> Session:
+        try:
+            return super().connect(*args, **kwargs)
+        except NoHostAvailable as exc:
+            problem = setting_problem(exc, self._settler_settings)
+            if problem is not None:
+                raise problem from None
+            raise
+
+
+_SERVER_MESSAGE = re.compile(r'message="(?P<message>[^"]*)"')
+
+
+def setting_problem(exc: NoHostAvailable, settings: Settings) -> ConnectionSettingError | None:
+    """The setting behind a failed connect, when a node refused the login or the TLS
+    handshake failed on a certificate; None when it may be transient (a node down, or an
+    authentication that failed on the server's side, such as an unavailable auth table)."""
+    # A session that found no pool to open reports a list of hosts, not errors by host.
+    errors = exc.errors if isinstance(exc.errors, dict) else {}
+    for endpoint, error in errors.items():
+        server = str(endpoint)
+        node = f"the CQL server at {server}"
+        if isinstance(error, AuthenticationFailed):
+            text = str(error)
+            if "requires authentication" in text:
+                return ConnectionSettingError(
+                    "SETTLER_CQL_USERNAME/SETTLER_CQL_PASSWORD", server,
+                    f"{node} requires a username and password; none is set")
+            # Cassandra: "Provided username X and/or password are incorrect"; ScyllaDB:
+            # "Username and/or password are incorrect". The same error code also carries
+            # server-side failures (an unavailable auth table), which are transient.
+            if "incorrect" in text:
+                found = _SERVER_MESSAGE.search(text)
+                return ConnectionSettingError(
+                    "SETTLER_CQL_USERNAME/SETTLER_CQL_PASSWORD", server,
+                    f"{node} refused the login of user {settings.cql_username!r} "
+                    f"({found.group('message') if found else 'bad credentials'})")
+            continue
+        failure = tls.problem(error)
+        if failure is not None:
+            return _tls_problem(failure, settings, server)
+    return None
+
+
+def _tls_problem(failure: tls.HandshakeFailure, settings: Settings,
+                 server: str) -> ConnectionSettingError:
+    node = f"the CQL server at {server}"
+    if failure.problem is tls.Problem.UNTRUSTED:
+        return ConnectionSettingError(
+            "SETTLER_CQL_SSL_CAFILE", server,
+            f"the certificate of {node} is not signed by a CA in {settings.cql_ssl_cafile} "
+            f"({failure.detail})")
+    if failure.problem is tls.Problem.NAME_MISMATCH:
+        return ConnectionSettingError(
+            "SETTLER_CQL_CONTACT_POINTS", server,
+            f"the certificate of {node} is not issued for the address the driver connects to "
+            f"({failure.detail}); the driver reaches every node by the IP address the "
+            "cluster reports, so node certificates need IP entries, or set "
+            "SETTLER_CQL_SSL_CHECK_HOSTNAME=false to check the CA chain only")
+    if failure.problem is tls.Problem.CLIENT_CERTIFICATE:
+        given = settings.cql_ssl_certfile or "none is set"
+        return ConnectionSettingError(
+            "SETTLER_CQL_SSL_CERTFILE", server,
+            f"{node} refused the client certificate ({given}): {failure.detail}")
+    return ConnectionSettingError(
+        "SETTLER_CQL_SSL_CAFILE", server,
+        f"TLS is on (SETTLER_CQL_SSL_CAFILE is set) but {node} does not speak TLS on this "
+        f"port ({failure.detail})")
 
 
 def connect(settings: Settings, *, keyspace: str | None = None) -> tuple[Cluster, Session]:

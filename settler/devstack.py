@@ -6,6 +6,12 @@
 time - data, logs, pid files, rendered configs - lives under `stack_dir()` (`<repo>/.stack`,
 or `$SETTLER_STACK_DIR`). Both servers listen on loopback only.
 
+`settler dev up --secure` adds the secure mode (settler.devstack_secure: a throw-away CA,
+certificates and passwords under `.stack/secure/`): Kafka gets a SASL_SSL and a mutual-TLS
+listener beside the plain one, and a second Cassandra (`cassandra-secure`, own ports and data)
+runs with client encryption and password authentication. The plain listener and the plain
+Cassandra stay exactly as they are, so tests without credentials keep working.
+
 The test harness also uses `pids`, `pause`/`resume` (SIGSTOP/SIGCONT a service's JVM) and
 `server_versions`.
 """
@@ -31,23 +37,29 @@ import uuid
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO, TypeVar
+from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 
 from settler.config import Settings
 
+if TYPE_CHECKING:
+    from settler.devstack_secure import Material, SecurePorts
+
 __all__ = [
+    "SECURE_SERVICE",
     "SERVICES",
     "DevStackError",
     "Ports",
     "ServiceStatus",
     "down",
     "format_status",
+    "mode_line",
     "pause",
     "pids",
     "ports_for",
     "print_status",
     "resolve_classpaths",
     "resume",
+    "secure_mode_running",
     "server_versions",
     "stack_dir",
     "status",
@@ -55,6 +67,9 @@ __all__ = [
 ]
 
 SERVICES: tuple[str, ...] = ("kafka", "cassandra")
+SECURE_SERVICE = "cassandra-secure"
+"""The second Cassandra of the secure mode (TLS + PasswordAuthenticator are node-wide)."""
+ALL_SERVICES: tuple[str, ...] = (*SERVICES, SECURE_SERVICE)
 
 STACK_DIR_ENV = "SETTLER_STACK_DIR"
 CASSANDRA_STORAGE_PORT = 7000
@@ -65,7 +80,14 @@ PROGRESS_EVERY_S = 5.0
 _MAIN_CLASS = {
     "kafka": "kafka.Kafka",
     "cassandra": "org.apache.cassandra.service.CassandraDaemon",
+    SECURE_SERVICE: "org.apache.cassandra.service.CassandraDaemon",
 }
+_JARS_OF = {"kafka": "kafka", "cassandra": "cassandra", SECURE_SERVICE: "cassandra"}
+SECURE_KAFKA_OFFSETS = (2, 3)
+"""The SASL_SSL and mutual-TLS listeners sit on the Kafka port + 2 and + 3."""
+SECURE_CQL_OFFSET = 100
+"""The secure Cassandra's CQL and storage ports: the plain ones + 100 (9142, 7100)."""
+SECURE_HEAP = "-Xmx768m"
 _VERSION_JAR = {
     "kafka": re.compile(r"^kafka_[0-9.]+-(?P<version>[^/]+)\.jar$"),
     "cassandra": re.compile(r"^cassandra-all-(?P<version>[^/]+)\.jar$"),
@@ -88,9 +110,35 @@ class Ports:
     cql: int
     cassandra_storage: int = CASSANDRA_STORAGE_PORT
 
-    def of(self, service: str) -> dict[str, int]:
+    @property
+    def kafka_sasl_ssl(self) -> int:
+        return self.kafka + SECURE_KAFKA_OFFSETS[0]
+
+    @property
+    def kafka_ssl(self) -> int:
+        return self.kafka + SECURE_KAFKA_OFFSETS[1]
+
+    @property
+    def cql_secure(self) -> int:
+        return self.cql + SECURE_CQL_OFFSET
+
+    @property
+    def cassandra_secure_storage(self) -> int:
+        return self.cassandra_storage + SECURE_CQL_OFFSET
+
+    def secure(self) -> SecurePorts:
+        from settler.devstack_secure import SecurePorts
+
+        return SecurePorts(self.kafka_sasl_ssl, self.kafka_ssl, self.cql_secure)
+
+    def of(self, service: str, *, secure: bool = False) -> dict[str, int]:
         if service == "kafka":
-            return {"kafka": self.kafka, "controller": self.kafka_controller}
+            ports = {"kafka": self.kafka, "controller": self.kafka_controller}
+            if secure:
+                ports.update(sasl_ssl=self.kafka_sasl_ssl, ssl=self.kafka_ssl)
+            return ports
+        if service == SECURE_SERVICE:
+            return {"cql": self.cql_secure, "storage": self.cassandra_secure_storage}
         return {"cql": self.cql, "storage": self.cassandra_storage}
 
 
@@ -149,8 +197,9 @@ def _classpath_path(service: str) -> Path:
 
 
 def _check_service(service: str) -> None:
-    if service not in SERVICES:
-        raise DevStackError(f"unknown service {service!r}: expected one of {', '.join(SERVICES)}")
+    if service not in ALL_SERVICES:
+        raise DevStackError(
+            f"unknown service {service!r}: expected one of {', '.join(ALL_SERVICES)}")
 
 
 # --------------------------------------------------------------------------- ports
@@ -216,13 +265,21 @@ def _marker() -> str:
     return f"-Dsettler.devstack={stack_dir()}"
 
 
+def _service_marker(service: str) -> str:
+    return f"-Dsettler.devstack.service={service}"
+
+
 def _is_ours(pid: int, service: str) -> bool:
     """Whether `pid` is a live (not zombie) JVM that this stack started for `service`."""
     state = _proc_state(pid)
     if state is None or state in ("Z", "X"):
         return False
     argv = _cmdline(pid)
-    return _MAIN_CLASS[service] in argv and _marker() in argv
+    if _MAIN_CLASS[service] not in argv or _marker() not in argv:
+        return False
+    # Both Cassandras share a main class; only the secure one carries a service marker
+    # (a plain node started before the marker existed has none).
+    return (_service_marker(SECURE_SERVICE) in argv) == (service == SECURE_SERVICE)
 
 
 def _scan_for(service: str) -> int | None:
@@ -256,8 +313,13 @@ def _write_pid(service: str, pid: int) -> None:
 
 
 def pids() -> dict[str, int | None]:
-    """The pid of each service's JVM, or None when it is not running."""
-    return {service: _pid_of(service) for service in SERVICES}
+    """The pid of each service's JVM, or None when it is not running; the secure Cassandra
+    is listed only while it runs."""
+    found = {service: _pid_of(service) for service in SERVICES}
+    secure = _pid_of(SECURE_SERVICE)
+    if secure is not None:
+        found[SECURE_SERVICE] = secure
+    return found
 
 
 def _signal(service: str, signum: signal.Signals) -> int:
@@ -451,6 +513,7 @@ def _jar_version(service: str, jars: list[Path] | None) -> str | None:
 
 def _running_jar_version(service: str, pid: int | None) -> str | None:
     """The version of the jar the running JVM was started with, else the resolved one."""
+    service = _JARS_OF[service]
     if pid is not None:
         argv = _cmdline(pid)
         if "-cp" in argv and argv.index("-cp") + 1 < len(argv):
@@ -504,23 +567,51 @@ def _kafka_dir() -> Path:
     return stack_dir() / "kafka"
 
 
-def _render_kafka_config(ports: Ports) -> Path:
+_SECURE_KAFKA_MARK = "# settler.devstack mode: secure"
+
+
+def _render_kafka_config(ports: Ports, material: Material | None = None) -> Path:
+    """Write server.properties for this start; with `material`, the secure listeners too."""
+    rendered = _kafka_dir() / "server.properties"
+    rendered.parent.mkdir(parents=True, exist_ok=True)
+    rendered.touch(mode=0o600, exist_ok=True)  # the secure listeners' passwords are in it
+    rendered.write_text(_kafka_config_text(ports, material))
+    return rendered
+
+
+def _kafka_config_text(ports: Ports, material: Material | None) -> str:
     template = (deploy_dir() / "kafka" / "server.properties").read_text()
     data = _kafka_dir() / "data"
+    listeners = [f"PLAINTEXT://127.0.0.1:{ports.kafka}"]
+    if material is not None:
+        listeners += [f"SASL_SSL://127.0.0.1:{ports.kafka_sasl_ssl}",
+                      f"SSL://127.0.0.1:{ports.kafka_ssl}"]
     overrides = {
         "log.dirs": str(data),
         "controller.quorum.voters": f"1@127.0.0.1:{ports.kafka_controller}",
-        "listeners": (
-            f"PLAINTEXT://127.0.0.1:{ports.kafka},CONTROLLER://127.0.0.1:{ports.kafka_controller}"
-        ),
-        "advertised.listeners": f"PLAINTEXT://127.0.0.1:{ports.kafka}",
+        "listeners": ",".join(
+            [*listeners, f"CONTROLLER://127.0.0.1:{ports.kafka_controller}"]),
+        "advertised.listeners": ",".join(listeners),
     }
     lines = [template.rstrip("\n"), "", "# ---- written by settler.devstack (last value wins)"]
     lines += [f"{key}={value}" for key, value in overrides.items()]
-    rendered = _kafka_dir() / "server.properties"
-    rendered.parent.mkdir(parents=True, exist_ok=True)
-    rendered.write_text("\n".join(lines) + "\n")
-    return rendered
+    if material is not None:
+        from settler.devstack_secure import kafka_properties
+
+        lines += ["", _SECURE_KAFKA_MARK, kafka_properties(material).rstrip("\n")]
+    return "\n".join(lines) + "\n"
+
+
+def _kafka_config_on_disk() -> str:
+    try:
+        return (_kafka_dir() / "server.properties").read_text()
+    except OSError:
+        return ""
+
+
+def _kafka_runs_secure() -> bool:
+    """Whether Kafka was last started with the secure listeners."""
+    return _SECURE_KAFKA_MARK in _kafka_config_on_disk()
 
 
 def _kafka_cluster_id() -> str:
@@ -570,10 +661,11 @@ def _format_kafka_storage(java: str, jars: list[Path], config: Path) -> None:
         )
 
 
-def _start_kafka(java: str, jars: list[Path], ports: Ports) -> int:
+def _start_kafka(java: str, jars: list[Path], ports: Ports,
+                 material: Material | None = None) -> int:
     log = _log_path("kafka")
     _rotate(log)
-    config = _render_kafka_config(ports)
+    config = _render_kafka_config(ports, material)
     _format_kafka_storage(java, jars, config)
     argv = [*_kafka_base_argv(java, jars), _marker(), _MAIN_CLASS["kafka"], str(config)]
     return _spawn(argv, log)
@@ -630,27 +722,41 @@ def _run_coroutine(factory: Callable[[], Coroutine[Any, Any, T]]) -> T:
 # --------------------------------------------------------------------------- cassandra
 
 
-def _start_cassandra(java: str, jars: list[Path], ports: Ports) -> int:
-    log = _log_path("cassandra")
+def _start_cassandra(java: str, jars: list[Path], ports: Ports,
+                     material: Material | None = None) -> int:
+    """The plain node, or with `material` the secure one (own data, ports, config, heap)."""
+    service = "cassandra" if material is None else SECURE_SERVICE
+    log = _log_path(service)
     _rotate(log)
-    storage = stack_dir() / "cassandra"
+    storage = stack_dir() / service
     storage.mkdir(parents=True, exist_ok=True)
     jamm = next((jar for jar in jars if jar.name.startswith("jamm-")), None)
     config = deploy_dir() / "cassandra" / "cassandra.yaml"
+    cql, storage_port = ports.cql, ports.cassandra_storage
+    extra: list[str] = []
+    if material is not None:
+        from settler.devstack_secure import cassandra_yaml
+
+        config = storage / "cassandra.yaml"
+        config.touch(mode=0o600, exist_ok=True)  # holds the keystore password
+        config.write_text(cassandra_yaml(material))
+        cql, storage_port = ports.cql_secure, ports.cassandra_secure_storage
+        extra = [SECURE_HEAP, _service_marker(SECURE_SERVICE)]
     argv = [
         java,
         *_jvm_options("cassandra"),
+        *extra,
         *([f"-javaagent:{jamm}"] if jamm else []),
         f"-Dcassandra.config={config.as_uri()}",
         f"-Dcassandra.storagedir={storage}",
         f"-Dcassandra.logdir={stack_dir() / 'logs'}",
         f"-Dlogback.configurationFile={deploy_dir() / 'cassandra' / 'logback.xml'}",
-        f"-Dcassandra.native_transport_port={ports.cql}",
-        f"-Dcassandra.storage_port={ports.cassandra_storage}",
+        f"-Dcassandra.native_transport_port={cql}",
+        f"-Dcassandra.storage_port={storage_port}",
         _marker(),
         "-cp",
         os.pathsep.join(str(jar) for jar in jars),
-        _MAIN_CLASS["cassandra"],
+        _MAIN_CLASS[service],
     ]
     return _spawn(argv, log)
 
@@ -708,23 +814,33 @@ def _check_ports_free(service: str, ports: Ports) -> None:
             )
 
 
-def _answers(service: str, ports: Ports) -> bool:
+def _answers(service: str, ports: Ports, material: Material | None = None) -> bool:
     if service == "kafka":
         return _kafka_answers(ports.kafka)
+    if service == SECURE_SERVICE:
+        from settler.devstack_secure import cql_answers
+
+        return material is not None and cql_answers(ports.cql_secure, material)
     return _cql_release_version(ports.cql) is not None
 
 
-def up(settings: Settings, *, timeout_s: float = 240.0, quiet: bool = False) -> None:
+def up(settings: Settings, *, secure: bool = False, timeout_s: float = 240.0,
+       quiet: bool = False) -> None:
     """Start Kafka and Cassandra (when not running), wait until both answer, apply the schema.
+    With `secure`, also the secure listeners and the secure Cassandra, with their users.
 
-    Harmless when they already run: then it only re-applies the schema.
+    Harmless when they already run: then it only re-applies the schema (and re-creates the
+    secure users). A Kafka running without the secure listeners is restarted to get them.
     """
     say: Callable[[str], None] = (lambda _message: None) if quiet else _say
     started = time.monotonic()
     ports = ports_for(settings)
     with _stack_lock():
-        pending = _start_missing(ports, say, quiet=quiet)
-        _wait_until_answering(pending, ports, say, started, timeout_s)
+        material = _secure_material(ports, say) if secure else None
+        pending = _start_missing(ports, say, quiet=quiet, material=material)
+        _wait_until_answering(pending, ports, say, started, timeout_s, material)
+        if material is not None:
+            _set_up_secure_users(ports, material, say, started)
 
     try:
         from settler.schema import apply_schema
@@ -739,14 +855,60 @@ def up(settings: Settings, *, timeout_s: float = 240.0, quiet: bool = False) -> 
         f"dev stack up in {_secs(started)}: kafka 127.0.0.1:{ports.kafka}, "
         f"cql 127.0.0.1:{ports.cql}, logs in {stack_dir() / 'logs'}"
     )
+    if material is not None:
+        say(mode_line(settings))
 
 
-def _start_missing(ports: Ports, say: Callable[[str], None], *, quiet: bool) -> dict[str, int]:
+def _secure_material(ports: Ports, say: Callable[[str], None]) -> Material:
+    from settler.devstack_secure import ensure_material, write_settings_file
+
+    material, made = ensure_material()
+    if made:
+        say(f"made a throw-away CA, certificates and passwords in {material.directory}")
+        stale = stack_dir() / SECURE_SERVICE
+        if stale.exists() and _pid_of(SECURE_SERVICE) is None:
+            # Its roles were made for passwords that no longer exist.
+            shutil.rmtree(stale)
+    write_settings_file(material, ports.secure())
+    return material
+
+
+def _set_up_secure_users(ports: Ports, material: Material, say: Callable[[str], None],
+                         started: float) -> None:
+    """Kafka's SCRAM credentials and the secure Cassandra's roles; then both logins work."""
+    from settler.devstack_secure import (
+        ensure_cassandra_roles,
+        ensure_kafka_users,
+        kafka_login_works,
+    )
+
+    _run_coroutine(lambda: ensure_kafka_users(f"127.0.0.1:{ports.kafka}", material))
+    deadline = time.monotonic() + 30.0
+    while not _run_coroutine(lambda: kafka_login_works(ports.kafka_sasl_ssl, material)):
+        if time.monotonic() > deadline:
+            raise _error_with_log("kafka", "a SCRAM-SHA-512 login over SASL_SSL on "
+                                  f"127.0.0.1:{ports.kafka_sasl_ssl} still fails after 30s")
+        time.sleep(0.5)
+    version = ensure_cassandra_roles(ports.cql_secure, material)
+    say(f"{SECURE_SERVICE} {version} accepts TLS + password logins on "
+        f"127.0.0.1:{ports.cql_secure}; kafka accepts SCRAM logins on "
+        f"127.0.0.1:{ports.kafka_sasl_ssl} ({_secs(started)})")
+
+
+def _start_missing(ports: Ports, say: Callable[[str], None], *, quiet: bool,
+                   material: Material | None = None) -> dict[str, int]:
     """Start every service not running; return the pid of each one still to wait for."""
     pending: dict[str, int] = {}
     to_start: list[str] = []
-    for service in ("cassandra", "kafka"):  # Cassandra first: it takes longest
+    # Cassandra first: it takes longest.
+    services = ["cassandra", *([SECURE_SERVICE] if material else []), "kafka"]
+    for service in services:
         pid = _pid_of(service)
+        if (service == "kafka" and pid is not None and material is not None
+                and _kafka_config_on_disk() != _kafka_config_text(ports, material)):
+            say(f"restarting kafka (pid {pid}) with the secure listeners...")
+            _stop({"kafka": pid}, say, time.monotonic())
+            pid = None
         if pid is None:
             _check_ports_free(service, ports)
             to_start.append(service)
@@ -754,7 +916,7 @@ def _start_missing(ports: Ports, say: Callable[[str], None], *, quiet: bool) -> 
         if _proc_state(pid) == "T":
             say(f"{service} (pid {pid}) was paused: resuming it")
             os.kill(pid, signal.SIGCONT)
-        if _answers(service, ports):
+        if _answers(service, ports, material):
             say(f"{service} is already running (pid {pid})")
         else:
             pending[service] = pid
@@ -763,8 +925,12 @@ def _start_missing(ports: Ports, say: Callable[[str], None], *, quiet: bool) -> 
         java = _java()
         for service in to_start:
             say(f"starting {service}...")
-            start = _start_cassandra if service == "cassandra" else _start_kafka
-            pid = start(java, jars[service], ports)
+            jar_set = jars[_JARS_OF[service]]
+            if service == "kafka":
+                pid = _start_kafka(java, jar_set, ports, material)
+            else:
+                pid = _start_cassandra(java, jar_set, ports,
+                                       material if service == SECURE_SERVICE else None)
             _write_pid(service, pid)
             pending[service] = pid
     return pending
@@ -776,6 +942,7 @@ def _wait_until_answering(
     say: Callable[[str], None],
     started: float,
     timeout_s: float,
+    material: Material | None = None,
 ) -> None:
     deadline = started + timeout_s
     next_progress = time.monotonic() + PROGRESS_EVERY_S
@@ -784,11 +951,12 @@ def _wait_until_answering(
             if not _is_ours(pid, service):
                 _pid_path(service).unlink(missing_ok=True)
                 raise _error_with_log(service, f"{service} exited during start-up")
-            if _answers(service, ports):
+            if _answers(service, ports, material):
                 version = _running_jar_version(service, pid)
                 if service == "cassandra":
                     version = _cql_release_version(ports.cql) or version
-                port = ports.kafka if service == "kafka" else ports.cql
+                port = {"kafka": ports.kafka, "cassandra": ports.cql,
+                        SECURE_SERVICE: ports.cql_secure}[service]
                 say(
                     f"{service}{' ' + version if version else ''} is up on 127.0.0.1:{port} "
                     f"(pid {pid}, {_secs(started)})"
@@ -812,7 +980,8 @@ def _wait_until_answering(
 
 
 def down(settings: Settings | None = None, *, quiet: bool = False) -> None:
-    """Stop both JVMs: SIGTERM, up to 30 s to exit cleanly, then SIGKILL. Harmless if stopped."""
+    """Stop every JVM of the stack (the secure Cassandra too): SIGTERM, up to 30 s to exit
+    cleanly, then SIGKILL. Harmless if stopped."""
     del settings  # the stack is found through its pid files; kept for a uniform CLI
     say: Callable[[str], None] = (lambda _message: None) if quiet else _say
     started = time.monotonic()
@@ -820,47 +989,59 @@ def down(settings: Settings | None = None, *, quiet: bool = False) -> None:
         running = {service: pid for service, pid in pids().items() if pid is not None}
         if not running:
             say("dev stack is not running")
-        for service, pid in running.items():
-            say(f"stopping {service} (pid {pid})...")
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-                os.kill(pid, signal.SIGCONT)  # a paused JVM handles SIGTERM only once resumed
-        deadline = time.monotonic() + STOP_TIMEOUT_S
-        while running and time.monotonic() < deadline:
-            for service, pid in list(running.items()):
-                if not _is_ours(pid, service):
-                    say(f"{service} stopped ({_secs(started)})")
-                    del running[service]
-            if running:
-                time.sleep(0.25)
-        for service, pid in running.items():
-            say(f"{service} did not stop within {STOP_TIMEOUT_S:.0f}s: killing it")
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        kill_deadline = time.monotonic() + 10.0
-        while any(_is_ours(pid, svc) for svc, pid in running.items()):
-            if time.monotonic() > kill_deadline:
-                raise DevStackError("a dev stack JVM survived SIGKILL: " + ", ".join(running))
-            time.sleep(0.1)
-        for service in SERVICES:
+        _stop(running, say, started)
+        for service in ALL_SERVICES:
             _pid_path(service).unlink(missing_ok=True)
+
+
+def _stop(running: dict[str, int], say: Callable[[str], None], started: float) -> None:
+    """SIGTERM each service, wait up to STOP_TIMEOUT_S, then SIGKILL what is left."""
+    stopping = list(running)
+    running = dict(running)
+    for service, pid in running.items():
+        say(f"stopping {service} (pid {pid})...")
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+            os.kill(pid, signal.SIGCONT)  # a paused JVM handles SIGTERM only once resumed
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    while running and time.monotonic() < deadline:
+        for service, pid in list(running.items()):
+            if not _is_ours(pid, service):
+                say(f"{service} stopped ({_secs(started)})")
+                del running[service]
+        if running:
+            time.sleep(0.25)
+    for service, pid in running.items():
+        say(f"{service} did not stop within {STOP_TIMEOUT_S:.0f}s: killing it")
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    kill_deadline = time.monotonic() + 10.0
+    while any(_is_ours(pid, svc) for svc, pid in running.items()):
+        if time.monotonic() > kill_deadline:
+            raise DevStackError("a dev stack JVM survived SIGKILL: " + ", ".join(running))
+        time.sleep(0.1)
+    for service in stopping:
+        _pid_path(service).unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------- status
 
 
 def status(settings: Settings) -> list[ServiceStatus]:
-    """Each service's state, pid, ports, log file and server version."""
+    """Each service's state, pid, ports, log file and server version (the secure Cassandra
+    only while it runs or the stack is in secure mode)."""
     ports = ports_for(settings)
+    secure = _kafka_runs_secure() or _pid_of(SECURE_SERVICE) is not None
     statuses: list[ServiceStatus] = []
-    for service in SERVICES:
+    for service in ALL_SERVICES if secure else SERVICES:
         pid = _pid_of(service)
-        main_port = ports.kafka if service == "kafka" else ports.cql
+        main_port = {"kafka": ports.kafka, "cassandra": ports.cql,
+                     SECURE_SERVICE: ports.cql_secure}[service]
         paused = pid is not None and _proc_state(pid) == "T"
         answering = pid is not None and not paused and _port_answers(main_port)
         version = _running_jar_version(service, pid)
-        if service == "cassandra" and answering:
-            release = _cql_release_version(ports.cql)
+        if service != "kafka" and answering:
+            release = _release_version(service, ports)
             answering = release is not None
             version = release or version
         if pid is None:
@@ -875,7 +1056,7 @@ def status(settings: Settings) -> list[ServiceStatus]:
                 state=state,
                 pid=pid,
                 host="127.0.0.1",
-                ports=ports.of(service),
+                ports=ports.of(service, secure=secure and _kafka_runs_secure()),
                 answering=answering,
                 log=_log_path(service),
                 version=version,
@@ -884,13 +1065,58 @@ def status(settings: Settings) -> list[ServiceStatus]:
     return statuses
 
 
+def _release_version(service: str, ports: Ports) -> str | None:
+    if service == SECURE_SERVICE:
+        from settler.devstack_secure import cql_release_version, load_material
+
+        material = load_material()
+        return cql_release_version(ports.cql_secure, material) if material else None
+    return _cql_release_version(ports.cql)
+
+
+def secure_mode_running() -> bool:
+    """Whether Kafka runs with the secure listeners, the secure Cassandra runs, and the
+    secure material exists (what `settler dev up --secure` leaves behind)."""
+    from settler.devstack_secure import load_material
+
+    return (_kafka_runs_secure() and _pid_of("kafka") is not None
+            and _pid_of(SECURE_SERVICE) is not None and load_material() is not None)
+
+
+def mode_line(settings: Settings) -> str:
+    """Which mode runs, and for the secure one where its listeners, CA file and settler
+    settings are (never the passwords)."""
+    from settler.devstack_secure import load_material
+
+    ports = ports_for(settings)
+    kafka_secure = _kafka_runs_secure() and _pid_of("kafka") is not None
+    cassandra_secure = _pid_of(SECURE_SERVICE) is not None
+    if not (kafka_secure or cassandra_secure):
+        return ("mode: plain (no TLS, no credentials; `settler dev up --secure` adds the "
+                "secure listeners)")
+    material = load_material()
+    parts = []
+    if kafka_secure:
+        parts.append(f"kafka SASL_SSL 127.0.0.1:{ports.kafka_sasl_ssl} (SCRAM-SHA-512, "
+                     f"SCRAM-SHA-256, PLAIN), SSL with client certificate "
+                     f"127.0.0.1:{ports.kafka_ssl}")
+    if cassandra_secure:
+        parts.append(f"cql TLS + password 127.0.0.1:{ports.cql_secure}")
+    missing = [name for name, up in (("kafka secure listeners", kafka_secure),
+                                     (SECURE_SERVICE, cassandra_secure)) if not up]
+    where = (f"; CA file {material.ca_file}; settler settings {material.settings_file}"
+             if material else "; CA file missing")
+    partly = f" (partly: {', '.join(missing)} not running)" if missing else ""
+    return f"mode: secure{partly}: {'; '.join(parts)}{where}"
+
+
 def format_status(statuses: list[ServiceStatus]) -> str:
     lines = []
     for item in statuses:
         pid = f"pid {item.pid}" if item.pid is not None else "-"
         ports = ", ".join(f"{name} {port}" for name, port in item.ports.items())
         lines.append(
-            f"{item.name:<10} {item.state:<8} {pid:<11} {item.version or '?':<8} "
+            f"{item.name:<16} {item.state:<8} {pid:<11} {item.version or '?':<8} "
             f"{item.host} ({ports})  log {item.log}"
         )
     return "\n".join(lines)

@@ -242,8 +242,12 @@ class Health:
         self.checks: dict[str, bool] = {"kafka": False, "cql": False, "partitions": False}
         self.role = "starting"
         self.started = time.time()
+        self.error: str | None = None
+        """Why the worker is stopping for good (a server refused a setting), for /readyz."""
 
     def ready(self) -> bool:
+        if self.error is not None:
+            return False
         if self.role == "standby":
             # Waiting for the lease is healthy; waiting because the database is gone is not.
             return self.checks.get("cql", False)
@@ -253,10 +257,13 @@ class Health:
         return sorted(name for name, ok in self.checks.items() if not ok)
 
     def body(self) -> bytes:
-        return json.dumps({
+        body: dict[str, Any] = {
             "ready": self.ready(), "role": self.role, "checks": self.checks,
             "failing": self.failing(), "uptime_s": round(time.time() - self.started, 1),
-        }).encode()
+        }
+        if self.error is not None:
+            body["error"] = self.error
+        return json.dumps(body).encode()
 
     async def probe(self, check: str, attempt: Callable[[], Awaitable[Any]], *,
                     interval_s: float = 2.0, timeout_s: float = 5.0,

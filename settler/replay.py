@@ -67,8 +67,7 @@ class Rewind:
 
 
 def admin_client(settings: Settings) -> AIOKafkaAdminClient:
-    return AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap,
-                               client_id="settler-replay", **kafka.security_options(settings))
+    return kafka.admin(settings, client_id="settler-replay")
 
 
 async def topic_partitions(settings: Settings, topic: str) -> list[int]:

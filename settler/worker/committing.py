@@ -130,6 +130,9 @@ class Committer:
             letters = [letter for letter in self.letters
                        if letter.offset < positions.get(letter.tp, -1)]
             self._txn = asyncio.ensure_future(self._transaction(positions, letters))
+            # Concluded by the next call; a session that ends first leaves it to Kafka (the
+            # next writer's producer fences it), so its error is looked at here too.
+            self._txn.add_done_callback(lambda txn: txn.cancelled() or txn.exception())
             self._txn_content = (positions, letters)
             if not await self._conclude(timeout):
                 return False

@@ -7,10 +7,11 @@ import asyncio
 import signal
 from typing import Final
 
+from aiokafka.errors import KafkaError
 from cassandra import InvalidRequest
 
 from settler import cql, logs, metrics
-from settler.config import ConfigError, Settings
+from settler.config import ConfigError, ConnectionSettingError, Settings
 from settler.lease import WriterLease
 from settler.registry import Registry, load_registry
 from settler.worker.ports import Clients, Store, production_clients
@@ -25,6 +26,8 @@ TAKEOVER_WAIT_S: Final = {"cassandra": 15, "scylla": 75}
 the batchlog: Cassandra replays batches older than 2 x write_request_timeout, checking
 every 10 s; ScyllaDB replays on a 60 s loop."""
 DEFAULT_BATCH_MAX_BYTES: Final = 40 * 1024
+KAFKA_CHECK_TIMEOUT_S: Final = 5.0
+ERROR_CLOSE_TIMEOUT_S: Final = 10.0
 BATCH_BYTES_SHARE: Final = 0.8
 
 
@@ -67,7 +70,16 @@ class Worker:
             log.error("the keyspace or its tables are missing: run `settler schema apply`",
                       keyspace=self.settings.keyspace, error=str(exc))
             return 1
+        except ConnectionSettingError as exc:
+            self.refused("cql", exc)
+            raise
         self.health.checks["cql"] = True
+        try:
+            await self._check_kafka()
+        except ConnectionSettingError as exc:
+            self.refused("kafka", exc)
+            await asyncio.wait_for(store.close(), ERROR_CLOSE_TIMEOUT_S)
+            raise
         # Readiness follows the database even while idle: without traffic no call would
         # notice it going away, or coming back.
         probe = asyncio.ensure_future(self.health.probe("cql", store.probe))
@@ -80,8 +92,11 @@ class Worker:
         finally:
             probe.cancel()
             metrics.WRITER.set(0)
+            # Within the SIGTERM budget when stopping; otherwise (exiting on an error) let
+            # the driver finish, so nothing it logs comes after the command's last line.
+            timeout = CLOSE_TIMEOUT_S if self.stopping.is_set() else ERROR_CLOSE_TIMEOUT_S
             try:
-                await asyncio.wait_for(store.close(), CLOSE_TIMEOUT_S)
+                await asyncio.wait_for(store.close(), timeout)
             except TimeoutError:
                 log.warning("closing the database session timed out")
         log.info("worker stopped", exit_code=code)
@@ -144,7 +159,12 @@ class Worker:
                 settings=self.settings, registry=self.registry, clients=self.clients,
                 store=store, tenure=tenure, progress=progress, health=self.health,
                 stopping=self.stopping, batch_max_bytes=batch_max_bytes)
-            end = await session.run()
+            try:
+                end = await session.run()
+            except ConnectionSettingError as exc:
+                self.refused("kafka", exc)
+                await tenure.end(release=True, timeout_s=CLOSE_TIMEOUT_S)  # nothing written
+                raise
             metrics.WRITER.set(0)
             self.health.checks["partitions"] = False
             if end is not SessionEnd.ABANDONED:
@@ -164,6 +184,25 @@ class Worker:
                 await tenure.end(release=False, timeout_s=CLOSE_TIMEOUT_S)
                 return SessionEnd.LAPSED
             wait = takeover_wait
+
+    async def _check_kafka(self) -> None:
+        """A refused Kafka login must end a standby too, not only the writer that would meet
+        it when its session starts. One bounded attempt: a broker that is merely down is
+        the writer session's to wait for."""
+        if self.clients.check_kafka is None:
+            return
+        try:
+            await asyncio.wait_for(self.clients.check_kafka(), KAFKA_CHECK_TIMEOUT_S)
+        except (KafkaError, OSError, TimeoutError) as exc:
+            log.warning("Kafka not reachable yet; the writer session retries", error=repr(exc))
+
+    def refused(self, check: str, exc: ConnectionSettingError) -> None:
+        """Readiness and the log say which setting a server refused; the command then exits
+        2 with the same line."""
+        self.health.checks[check] = False
+        self.health.error = str(exc)
+        log.error("a server refused the settings; exiting without retry",
+                  setting=exc.setting, server=exc.server, error=str(exc))
 
     def _cql_down(self, exc: BaseException) -> None:
         self.health.checks["cql"] = False

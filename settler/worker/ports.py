@@ -100,6 +100,9 @@ class Clients:
     producer: Callable[[], Producer]
     clock: Clock
     serve_metrics: bool = True
+    # One connection to the brokers as the clients would make it: raises
+    # ConnectionSettingError when they refuse the settings (a wrong password).
+    check_kafka: Callable[[], Awaitable[None]] | None = None
 
 
 class ProductionStore(SettlementDb):
@@ -148,6 +151,7 @@ def production_clients(settings: Settings) -> Clients:
         consumer=lambda: kafka.writer_consumer(settings),
         producer=lambda: kafka.writer_producer(settings),
         clock=SystemClock(),
+        check_kafka=lambda: kafka.check(settings),
     )
 
 

@@ -25,8 +25,8 @@ from aiokafka import TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import KafkaError, ProducerFenced
 
-from settler import logs, metrics
-from settler.config import Settings
+from settler import kafka, logs, metrics
+from settler.config import ConnectionSettingError, Settings
 from settler.db import Progress
 from settler.ledger import Ledger
 from settler.offsets import Offsets
@@ -120,6 +120,11 @@ class WriterSession(ConsumerRebalanceListener):  # type: ignore[misc]
             await self._start_clients()
         except Stopping:
             pass
+        except ConnectionSettingError:
+            for watcher in watchers:
+                watcher.cancel()
+            await self._close_clients()
+            raise  # a refused login: the worker exits 2 naming the setting
         else:
             await self._loop()
         for watcher in watchers:
@@ -272,7 +277,7 @@ class WriterSession(ConsumerRebalanceListener):  # type: ignore[misc]
 
 
 def _kafka_transient(exc: BaseException) -> bool:
-    return isinstance(exc, KafkaError | ConnectionError | TimeoutError)
+    return kafka.is_transient(exc)  # a refused login or certificate is never transient
 
 
 def _names(partitions: set[TopicPartition]) -> list[str]:
