@@ -50,8 +50,13 @@ class Worker:
     async def run(self) -> int:
         server = None
         if self.clients.serve_metrics:
-            server = await metrics.serve(self.settings.metrics_host, self.settings.metrics_port,
-                                         self.health)
+            host, port = self.settings.metrics_host, self.settings.metrics_port
+            try:
+                server = await metrics.serve(host, port, self.health)
+            except OSError as exc:
+                raise ConfigError(f"SETTLER_METRICS_PORT: cannot serve metrics on {host}:{port}"
+                                  f" ({exc.strerror or exc}); is another worker using it?"
+                                  ) from None
             log.info("worker starting", metrics=f"http://{self.settings.metrics_host}:"
                      f"{self.settings.metrics_port}/metrics",
                      settings=self.settings.redacted())

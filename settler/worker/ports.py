@@ -61,6 +61,8 @@ class Producer(Protocol):
     async def send_offsets_to_transaction(self, offsets: Mapping[TopicPartition, int],
                                           group_id: str) -> None: ...
 
+    async def partitions_for(self, topic: str) -> set[int]: ...
+
 
 class Store(Protocol):
     """What the writer needs from the database (SettlementDb in production)."""

@@ -145,8 +145,22 @@ class WriterSession(ConsumerRebalanceListener):  # type: ignore[misc]
         # The transactional producer's start fences every former writer's producer.
         await self.retrier.run("kafka_connect", self.consumer.start, _kafka_transient)
         await self.retrier.run("kafka_connect", self.producer.start, _kafka_transient)
+        await self._dead_letter_topic()
         self.health.checks["kafka"] = True
         self.consumer.subscribe(list(self.settings.topics), listener=self)
+
+    async def _dead_letter_topic(self) -> None:
+        """Ask for the dead-letter topic's metadata up front (a broker that creates topics
+        creates it now), so the first dead letter does not wait for it."""
+        topic = self.settings.dlq_topic
+        try:
+            found = await asyncio.wait_for(self.producer.partitions_for(topic), 5.0)
+        except (KafkaError, TimeoutError) as exc:
+            found = None
+            log.warning("dead-letter topic not found yet; dead letters wait for it",
+                        topic=topic, error=repr(exc))
+        if found is not None and not found:
+            log.warning("dead-letter topic has no partitions yet", topic=topic)
 
     async def _loop(self) -> None:
         helpers = [asyncio.ensure_future(self._commit_loop()),

@@ -393,6 +393,10 @@ class SimProducer:
     async def stop(self) -> None:
         return None
 
+    async def partitions_for(self, topic: str) -> set[int]:
+        assert topic == self.kafka.dlq_topic
+        return {0}
+
     async def begin_transaction(self) -> None:
         self._check()
         self._records, self._offsets, self.in_transaction = [], {}, True
