@@ -37,6 +37,9 @@ from tests.unit.sim.run import FAULT_KINDS, Scenario, Simulation, run_scenario
 EXAMPLES = int(os.environ.get("SETTLER_SIM_EXAMPLES", "0"))
 SEED = os.environ.get("SETTLER_SIM_SEED")
 
+# A nightly run of thousands of examples takes longer than the suite's per-test timeout.
+pytestmark = pytest.mark.timeout(max(600, 10 * EXAMPLES))
+
 
 def seeds(default: int) -> list[int]:
     if SEED is not None:
