@@ -20,7 +20,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import CommitFailedError, IllegalGenerationError, UnknownMemberIdError
 
-from settler import kafka
+from settler import cql, kafka
 from settler.config import Settings
 
 
@@ -116,6 +116,8 @@ async def rewind(settings: Settings, *, group: str, start: Start, topics: Sequen
     state, members = await group_members(settings, group)
     if members and not force:
         raise ActiveMembers(group, state, members)
+    await asyncio.to_thread(remember_committed, settings, await committed_offsets(settings,
+                                                                                 group))
     consumer = kafka.consumer(settings, group_id=group, client_id="settler-replay")
     await consumer.start()
     try:
@@ -134,6 +136,31 @@ async def rewind(settings: Settings, *, group: str, start: Start, topics: Sequen
             # aiokafka 0.14 may re-raise a CancelledError of its own task on stop.
             await consumer.stop()
     return rewinds
+
+
+def remember_committed(settings: Settings, committed: dict[TopicPartition, int]) -> None:
+    """Before a rewind, raise the keyspace's record of the highest offsets ever committed
+    (table progress, name 'committed') to where the group is now: the worker then marks
+    every dead letter it publishes again below them as a replay (settler.replay)."""
+    if not committed:
+        return
+    cluster, session = cql.connect(settings, keyspace=settings.keyspace)
+    try:
+        rows = session.execute(
+            "SELECT stream, position, WRITETIME(position) FROM progress"
+            " WHERE scope = 'writer' AND name = 'committed'", timeout=30)
+        known = {stream: (position or 0, written or 0) for stream, position, written in rows}
+        latest = max((written for _, written in known.values()), default=0)
+        timestamp = max(time.time_ns() // 1000, latest + 1)
+        insert = session.prepare(
+            "INSERT INTO progress (scope, name, stream, position) VALUES ('writer',"
+            " 'committed', ?, ?) USING TIMESTAMP ?")
+        for tp, offset in committed.items():
+            stream = f"{tp.topic}:{tp.partition}"
+            if offset > known.get(stream, (-1, 0))[0]:
+                session.execute(insert, (stream, offset, timestamp), timeout=30)
+    finally:
+        cluster.shutdown()
 
 
 async def _partitions(settings: Settings, topics: Sequence[str],

@@ -37,7 +37,7 @@ from tests.model import expected_balances
 from tests.unit.sim.cassandra import Faults, SimCassandra, SimStore
 from tests.unit.sim.kafka import SimConsumer, SimKafka, SimProducer, SimRecord
 from tests.unit.sim.world import Process, World
-from tests.unit.simdb import RecordedBatch, SimDb
+from tests.unit.simdb import Mutation, RecordedBatch, SimDb
 
 REGISTRY = load_registry(DEFAULT_REGISTRY)
 TOPIC = "sim.events"
@@ -340,6 +340,11 @@ class Simulation:
     def replay(self) -> None:
         """`settler replay --from-offset 0`: stop the workers, rewind, start them again."""
         self.stop_all()
+        # As `settler replay` does: remember where the group was, then rewind it.
+        self.node.db.apply(
+            Mutation("progress", ("writer",), ("committed", f"{tp.topic}:{tp.partition}"),
+                     (("position", offset), ("epoch", None)), 10**17)
+            for tp, offset in self.kafka.committed.items())
         self.kafka.committed.clear()
         self.events.append(f"{self.world.now:.3f} replay from 0")
         for name in sorted(self.workers):
