@@ -194,6 +194,11 @@ OPTIONS: dict[str, Option] = {
         "consistency level of every read and write (QUORUM, LOCAL_QUORUM, EACH_QUORUM, ALL:"
         " levels that overlap writes and reads)",
     ),
+    "cql_driver": Option(
+        "acsylla", _choice("acsylla", "scylla-driver"),
+        "driver of the settlement batches: acsylla (C++, a quarter of the CPU per row) or"
+        " scylla-driver (every other request uses scylla-driver)",
+    ),
     "cql_local_dc": Option("", _optional_str, "local datacenter for DC-aware routing"),
     "cql_username": Option("", _optional_str, "CQL username"),
     "cql_password": Option("", _optional_str, "CQL password", secret=True),
@@ -276,6 +281,7 @@ class Settings:
     keyspace: str
     replication: str
     cql_consistency: str
+    cql_driver: str
     cql_local_dc: str | None
     cql_username: str | None
     cql_password: str | None = field(repr=False)  # a secret: see redacted()

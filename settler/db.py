@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from cassandra.cluster import Cluster, Session
 from cassandra.query import BatchStatement, BatchType, PreparedStatement
@@ -46,6 +46,15 @@ class UserBalance:
     frozen: int
     version: int
     updated_at: int
+
+
+@dataclass(slots=True)
+class Batch:
+    """A batch as the write path builds it: statement names (keys of `_CQL`) and their bound
+    values, the write timestamp last. The connected driver turns it into its own batch."""
+
+    logged: bool
+    statements: list[tuple[str, tuple[Any, ...]]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,12 +129,22 @@ def estimated_bytes(writes: Iterable[Write], rows: int, lineage_entries: int = 1
     return size
 
 
+class BatchWriter(Protocol):
+    async def execute(self, batch: Batch) -> None: ...
+
+    async def query(self, name: str, parameters: tuple[Any, ...]) -> list[tuple[Any, ...]]: ...
+
+    async def close(self) -> None: ...
+
+
 class SettlementDb:
     """Prepared statements over one session bound to the settlement keyspace."""
 
     def __init__(self, cluster: Cluster, session: Session) -> None:
         self.cluster = cluster
         self.session = session
+        # Settlement batches through another driver (acsylla), when one is attached.
+        self.writer: BatchWriter | None = None
         self._prepared: dict[str, PreparedStatement] = {
             # Table names are qualified: Cassandra 5 warns against prepared statements
             # that lean on the session's `USE <keyspace>`.
@@ -145,13 +164,40 @@ class SettlementDb:
         return await asyncio.to_thread(connect_and_prepare)
 
     async def close(self) -> None:
+        if self.writer is not None:
+            await self.writer.close()
         await asyncio.to_thread(self.cluster.shutdown)
+
+    def worker_statements(self) -> dict[str, str]:
+        """The CQL text of every statement of the writer's hot path: what its batches hold
+        and what it reads while planning."""
+        return {name: text.format(ks=self.session.keyspace) for name, text in _CQL.items()
+                if text.startswith("INSERT") or name in ("load_user", "claims", "progress")}
 
     def statement(self, name: str) -> PreparedStatement:
         return self._prepared[name]
 
     async def run(self, statement: Any, parameters: Any = None) -> Any:
+        if isinstance(statement, Batch):
+            if self.writer is not None:
+                await self.writer.execute(statement)
+                return []
+            statement = self.driver_batch(statement)
         return await cql.run(self.session, statement, parameters)
+
+    async def read(self, name: str, parameters: tuple[Any, ...]) -> Any:
+        """The rows of one of the worker's reads (every page), through the write path's
+        driver when one is attached."""
+        if self.writer is not None:
+            return await self.writer.query(name, parameters)
+        return cql.rows_of(await self.run(self._prepared[name], parameters))
+
+    def driver_batch(self, batch: Batch) -> BatchStatement:
+        driver = BatchStatement(BatchType.LOGGED if batch.logged else BatchType.UNLOGGED)
+        prepared = self._prepared
+        for name, values in batch.statements:
+            driver.add(prepared[name], values)
+        return driver
 
     # -- reads for people and other services -------------------------------------------
 
@@ -169,7 +215,7 @@ class SettlementDb:
 
     async def load_user(self, user_id: int) -> dict[int, Row]:
         """All rows of one user with their lineage (one partition read)."""
-        rows = cql.rows_of(await self.run(self._prepared["load_user"], (user_id,)))
+        rows = await self.read("load_user", (user_id,))
         return {
             asset_id: Row(available, frozen, version, updated_at, dict(lineage or {}))
             for asset_id, available, frozen, version, updated_at, lineage in rows
@@ -177,15 +223,14 @@ class SettlementDb:
 
     async def claims(self, is_trade: bool, bucket: int, low: int, high: int) -> list[Claim]:
         """Claimed ids between low and high (inclusive) inside one id bucket."""
-        rows = cql.rows_of(await self.run(
-            self._prepared["claims"], (_claim_kind(is_trade), bucket, low, high)))
+        rows = await self.read("claims", (_claim_kind(is_trade), bucket, low, high))
         return [
             Claim(event_id, digest, source, epoch or 0, batch or 0, rows_applied or 0)
             for event_id, digest, source, epoch, batch, rows_applied in rows
         ]
 
     async def progress(self) -> Progress:
-        rows = cql.rows_of(await self.run(self._prepared["progress"], (PROGRESS_SCOPE,)))
+        rows = await self.read("progress", (PROGRESS_SCOPE,))
         kinds: dict[str, dict[str, int]] = {"frontier": {}, "committed": {}, "resolved": {}}
         epoch = 0
         for name, stream, position, row_epoch in rows:
@@ -199,67 +244,63 @@ class SettlementDb:
     # -- the write path --------------------------------------------------------------------
 
     def claims_batch(self, writes: Sequence[Write], frontier: Mapping[str, int], *,
-                     timestamp: int) -> BatchStatement:
+                     timestamp: int) -> Batch:
         """The id claims of these events, plus the writer's frontier for their input
         partitions, as one UNLOGGED batch (each write is idempotent). Sent and acknowledged
         before any batch carrying these events' effects, so a row can only include an
         event whose claim and frontier are durable."""
-        batch = BatchStatement(BatchType.UNLOGGED)
-        statement = self._prepared["write_claim"]
+        statements: list[tuple[str, tuple[Any, ...]]] = []
+        add = statements.append
         for write in writes:
             claim = write.claim
-            is_trade = isinstance(write.event, Trade)
-            batch.add(statement, (_claim_kind(is_trade), id_bucket(claim.event_id),
-                                  claim.event_id, claim.digest, claim.source, claim.epoch,
-                                  claim.batch, claim.rows_applied, timestamp))
-        progress = self._prepared["write_progress"]
+            add(("write_claim", (
+                "trade" if isinstance(write.event, Trade) else "balance",
+                claim.event_id >> ID_BUCKET_BITS, claim.event_id, claim.digest, claim.source,
+                claim.epoch, claim.batch, claim.rows_applied, timestamp)))
         for stream, position in frontier.items():
-            batch.add(progress, (PROGRESS_SCOPE, "frontier", stream, position, None, timestamp))
-        return batch
+            add(("write_progress", (PROGRESS_SCOPE, "frontier", stream, position, None,
+                                    timestamp)))
+        return Batch(False, statements)
 
     def settlement_batch(self, images: Sequence[RowImage], writes: Sequence[Write], *,
-                         fee_account: int, timestamp: int) -> BatchStatement:
+                         fee_account: int, timestamp: int) -> Batch:
         """ONE LOGGED batch: the record of each event plus the final absolute value of each
         row they touch (a row touched by several of them is written once, last value).
 
         Every statement carries the same explicit write timestamp, so re-executing the
         batch after a timeout rewrites identical cells and cannot undo a later batch.
         """
-        batch = BatchStatement(BatchType.LOGGED)
-        write_balance = self._prepared["write_balance"]
-        for row in images:
-            batch.add(write_balance, (row.user_id, row.asset_id, row.available, row.frozen,
-                                      row.version, row.updated_at, row.lineage, timestamp))
+        statements: list[tuple[str, tuple[Any, ...]]] = [
+            ("write_balance", (row.user_id, row.asset_id, row.available, row.frozen,
+                               row.version, row.updated_at, row.lineage, timestamp))
+            for row in images
+        ]
+        add = statements.append
         for write in writes:
-            self._add_record(batch, write, fee_account, timestamp)
-        return batch
-
-    def _add_record(self, batch: BatchStatement, write: Write, fee_account: int,
-                    timestamp: int) -> None:
-        event, digest, source = write.event, write.digest, write.claim.source
-        if isinstance(event, Trade):
-            batch.add(self._prepared["write_trade"], (
-                id_bucket(event.trade_id), event.trade_id, event.symbol, event.buy_order_id,
-                event.sell_order_id, event.buyer_user_id, event.seller_user_id,
-                event.base_asset_id, event.quote_asset_id, event.price, event.quantity,
-                write.cost, event.buyer_refund, event.seller_refund, event.buyer_fee,
-                event.seller_fee, fee_account, event.match_seq, event.executed_at, digest,
-                source, timestamp,
-            ))
-        else:
-            batch.add(self._prepared["write_balance_event"], (
-                id_bucket(event.event_id), event.event_id, kind(event), event.user_id,
-                event.asset_id, event.amount, event.ts, digest, source, timestamp,
-            ))
+            event, digest, source = write.event, write.digest, write.claim.source
+            if isinstance(event, Trade):
+                add(("write_trade", (
+                    event.trade_id >> ID_BUCKET_BITS, event.trade_id, event.symbol,
+                    event.buy_order_id, event.sell_order_id, event.buyer_user_id,
+                    event.seller_user_id, event.base_asset_id, event.quote_asset_id,
+                    event.price, event.quantity, write.cost, event.buyer_refund,
+                    event.seller_refund, event.buyer_fee, event.seller_fee, fee_account,
+                    event.match_seq, event.executed_at, digest, source, timestamp)))
+            else:
+                add(("write_balance_event", (
+                    event.event_id >> ID_BUCKET_BITS, event.event_id, kind(event),
+                    event.user_id, event.asset_id, event.amount, event.ts, digest, source,
+                    timestamp)))
+        return Batch(True, statements)
 
     def progress_batch(self, name: str, positions: Mapping[str, int], *, timestamp: int,
-                       epoch: int | None = None) -> BatchStatement:
+                       epoch: int | None = None) -> Batch:
         """Progress records of one kind, in the writer's single progress partition (a
         single-partition batch is applied atomically and in isolation)."""
-        batch = BatchStatement(BatchType.UNLOGGED)
-        statement = self._prepared["write_progress"]
+        statements: list[tuple[str, tuple[Any, ...]]] = []
         if epoch is not None:
-            batch.add(statement, (PROGRESS_SCOPE, name, "", None, epoch, timestamp))
-        for stream, position in positions.items():
-            batch.add(statement, (PROGRESS_SCOPE, name, stream, position, None, timestamp))
-        return batch
+            statements.append(("write_progress", (PROGRESS_SCOPE, name, "", None, epoch,
+                                                  timestamp)))
+        statements += [("write_progress", (PROGRESS_SCOPE, name, stream, position, None,
+                                           timestamp)) for stream, position in positions.items()]
+        return Batch(False, statements)

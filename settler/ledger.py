@@ -25,15 +25,15 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from itertools import islice
+from typing import NamedTuple
 
-from settler.amounts import AmountError, checked_int64
+from settler.amounts import AmountError
 from settler.events import Event, Reason, Rejected, Trade, digest
 from settler.registry import Registry
-from settler.settlement import Effect, RowKey, effect_of
+from settler.settlement import Effect, RowKey, effect_of, moved
 
 
-@dataclass(frozen=True, slots=True)
-class Position:
+class Position(NamedTuple):
     """Where a record sits in Kafka."""
 
     topic: str
@@ -72,8 +72,7 @@ class Row:
         return self.available < 0 or self.frozen < 0
 
 
-@dataclass(frozen=True, slots=True)
-class Claim:
+class Claim(NamedTuple):
     """What id_claims says of one id: the position that owns it, its content digest, and
     the epoch and group that last planned it, with the rows it changed then (a bit per
     row, in the order of `row_keys`)."""
@@ -152,8 +151,7 @@ class Write:
 Plan = Skip | Reject | Write
 
 
-@dataclass(frozen=True, slots=True)
-class RowImage:
+class RowImage(NamedTuple):
     """A row's values as one sealed group writes them (a copy, safe from later planning)."""
 
     user_id: int
@@ -287,9 +285,9 @@ class Ledger:
                 raise ReplanInFlight(f"{source} re-read while its first plan is in flight")
             if prior.claim is not None and self.resolved.covers(prior.claim, position):
                 return Skip(Outcome.DUPLICATE)  # complete before an earlier epoch ended
-        keys = row_keys(effect)
+        keys = sorted(effect.deltas)
         try:
-            changed, mask = self._apply(effect, keys, prior)
+            changed, mask, negative = self._apply(effect, keys, prior)
         except AmountError as exc:
             return Reject(exc.reason, exc.detail)
         group = self.group
@@ -299,54 +297,50 @@ class Ledger:
         prior.planned = True
         prior.claim = Claim(event_id, fingerprint, source, self.epoch, group.batch, mask)
         prior.pins += 1
-        write = Write(
-            event=event, position=position, digest=fingerprint, cost=effect.cost,
-            claim=prior.claim, rows=tuple(changed),
-            negative_rows=tuple(key for key in changed if group.touched[key].is_negative),
-        )
+        write = Write(event, position, fingerprint, effect.cost, prior.claim, tuple(changed),
+                      tuple(negative))
         group.writes.append(write)
         return write
 
     def _apply(self, effect: Effect, keys: list[RowKey], prior: _Seen | None
-               ) -> tuple[list[RowKey], int]:
-        """Apply the effect to the rows that lack it, in memory. All or nothing: an
-        overflow on any row leaves every row as it was."""
-        group = self.group
-        todo: list[tuple[RowKey, Row | None, int, int, int]] = []
+               ) -> tuple[list[RowKey], int, list[RowKey]]:
+        """Apply the effect to the rows that lack it, in memory: (rows changed, their bits,
+        rows left below zero). All or nothing: an overflow on any row leaves every row as
+        it was."""
+        group, users, time, deltas = self.group, self._users, effect.time, effect.deltas
+        todo: list[tuple[RowKey, Row | None, tuple[int, int, int]]] = []
         mask = 0
         for index, key in enumerate(keys):
             user_id, asset_id = key
-            row = self._users[user_id].rows.get(asset_id)
+            row = users[user_id].rows.get(asset_id)
             if prior is not None and self._includes(prior.claim, row, index):
                 continue
-            delta = effect.deltas[key]
-            base = row if row is not None else None
-            available = checked_int64((base.available if base else 0) + delta.available,
-                                      "available")
-            frozen = checked_int64((base.frozen if base else 0) + delta.frozen, "frozen")
-            version = checked_int64((base.version if base else 0) + 1, "version")
-            todo.append((key, row, available, frozen, version))
+            after = moved(0, 0, 0, deltas[key]) if row is None else moved(
+                row.available, row.frozen, row.version, deltas[key])
+            todo.append((key, row, after))
             mask |= 1 << index
-        changed = []
-        for key, row, available, frozen, version in todo:
+        changed, negative = [], []
+        for key, row, (available, frozen, version) in todo:
             user_id, asset_id = key
-            user = self._users[user_id]
+            user = users[user_id]
             if row is None:
-                row = Row(available, frozen, version, effect.time, {})
+                row = Row(available, frozen, version, time, {})
                 if user.rows:
                     self._rows += 1  # a user without rows was already counted as one
                 user.rows[asset_id] = row
             else:
-                row.available, row.frozen, row.version = available, frozen, version
-                row.updated_at = effect.time
+                row.available, row.frozen, row.version, row.updated_at = (
+                    available, frozen, version, time)
             if key not in group.touched:
                 group.touched[key] = row
                 if user_id not in group.users:
                     group.users.add(user_id)
                     user.pins += 1
-                self._users.move_to_end(user_id)
+                users.move_to_end(user_id)
             changed.append(key)
-        return changed, mask
+            if available < 0 or frozen < 0:
+                negative.append(key)
+        return changed, mask, negative
 
     def _includes(self, claim: Claim | None, row: Row | None, index: int) -> bool:
         """Does the stored `row` include the event of `claim` (its own position)?
@@ -369,16 +363,15 @@ class Ledger:
         """Close the open group: copy each touched row's final value (with this group in
         its lineage) and open the next group."""
         group = self.group
-        keep_from = self.resolved.epoch
+        keep_from, epoch, batch = self.resolved.epoch, self.epoch, group.batch
         images = []
         for (user_id, asset_id), row in group.touched.items():
             lineage = row.lineage
-            if any(epoch < keep_from for epoch in lineage):
-                lineage = {e: b for e, b in lineage.items() if e >= keep_from}
-                row.lineage = lineage
-            lineage[self.epoch] = group.batch
+            if lineage and min(lineage) < keep_from:
+                lineage = row.lineage = {e: b for e, b in lineage.items() if e >= keep_from}
+            lineage[epoch] = batch
             images.append(RowImage(user_id, asset_id, row.available, row.frozen, row.version,
-                                   row.updated_at, dict(lineage)))
+                                   row.updated_at, lineage.copy()))
         group.images = tuple(images)
         self._next_batch += 1
         self.group = Group(self.epoch, self._next_batch)

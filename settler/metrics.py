@@ -89,10 +89,10 @@ class RecentWindow:
         return [i for i, second in enumerate(self.slot_second)
                 if now - self.seconds < second <= now]
 
-    def event(self) -> None:
+    def event(self, count: int = 1) -> None:
         if self.first_event is None:
             self.first_event = self.clock()
-        self.counts[self._slot()] += 1
+        self.counts[self._slot()] += count
 
     def latency(self, seconds: float) -> None:
         self.latencies[self._slot()][bisect_left(self.BOUNDS, seconds)] += 1
@@ -198,13 +198,13 @@ for _end in SESSION_ENDS:
 _event_children: dict[tuple[str, str, str], Any] = {}
 
 
-def event(kind: str, outcome: str, reason: str = "") -> None:
+def event(kind: str, outcome: str, reason: str = "", count: int = 1) -> None:
     key = (kind, outcome, reason)
     child = _event_children.get(key)
     if child is None:
         child = _event_children[key] = EVENTS.labels(kind, outcome, reason)
-    child.inc()
-    RECENT.event()
+    child.inc(count)
+    RECENT.event(count)
 
 
 def retry(kind: str) -> None:

@@ -29,7 +29,9 @@ class Offsets(Generic[P]):
 
     def track(self, partition: P, offset: int) -> None:
         """A record was fetched; offsets of one partition arrive in increasing order."""
-        state = self._partitions.setdefault(partition, _Partition())
+        state = self._partitions.get(partition)
+        if state is None:
+            state = self._partitions[partition] = _Partition()
         if state.pending and offset <= state.pending[-1]:
             raise ValueError(f"offset {offset} of {partition} tracked out of order")
         state.pending.append(offset)

@@ -11,8 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections import defaultdict
 from collections.abc import Coroutine
-from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from aiokafka import ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
@@ -33,8 +32,7 @@ FETCH_RETRY_S: Final = 1.0
 LOAD_CONCURRENCY: Final = 64
 
 
-@dataclass(frozen=True, slots=True)
-class Item:
+class Item(NamedTuple):
     """One fetched record on its way through the pipeline."""
 
     tp: TopicPartition

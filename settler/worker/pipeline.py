@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final
 
@@ -240,19 +241,21 @@ class Pipeline:
         self.ledger.landed(group)
         now = time.time()
         metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
-        offsets, latency, registry = self.offsets, metrics.SETTLE_LATENCY, self.registry
+        offsets, observe, registry = self.offsets, metrics.SETTLE_LATENCY.observe, self.registry
         tp_of: dict[tuple[str, int], TopicPartition] = {}
+        outcomes: Counter[tuple[str, str]] = Counter()
         for write, produced in zip(group.writes, produced_ms, strict=True):
-            position = write.position
-            key = (position.topic, position.partition)
-            tp = tp_of.get(key)
+            topic, partition, offset = write.position
+            tp = tp_of.get((topic, partition))
             if tp is None:
-                tp = tp_of[key] = TopicPartition(position.topic, position.partition)
-            offsets.settle(tp, position.offset)
-            latency.observe(max(0.0, now - produced / 1000))  # from the record's produce time
-            metrics.event(kind(write.event), write.outcome)
+                tp = tp_of[(topic, partition)] = TopicPartition(topic, partition)
+            offsets.settle(tp, offset)
+            observe(max(0.0, now - produced / 1000))  # from the record's produce time
+            outcomes[(kind(write.event), write.outcome)] += 1
             if write.negative_rows:
                 _anomalies(write, registry)
+        for (event_kind, outcome), count in outcomes.items():
+            metrics.event(event_kind, outcome, count=count)
         if group.writes:
             metrics.settled_at(group.writes[-1].event.time)
 

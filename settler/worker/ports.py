@@ -114,6 +114,14 @@ class ProductionStore(SettlementDb):
     async def open_store(cls, settings: Settings) -> ProductionStore:
         store = await cls.open(settings)
         assert isinstance(store, ProductionStore)
+        if settings.cql_driver == "acsylla":
+            from settler.acsylla_writer import AcsyllaWriter
+
+            try:
+                store.writer = await AcsyllaWriter.open(settings, store.worker_statements())
+            except BaseException:
+                await store.close()
+                raise
         return store
 
     def lease_table(self) -> LeaseTable:

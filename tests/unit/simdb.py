@@ -1,10 +1,10 @@
 """A simulated Cassandra's cells for the crash simulation: pure Python, no I/O.
 
 Tables are cells with last-write-wins by (write timestamp, value), as Cassandra resolves
-them. Batches built by the REAL `SettlementDb` builders (with `RecordedBatch` standing in
-for the driver's BatchStatement) are turned back into row mutations using the column
-lists of their own CQL text (settler.db._CQL); the REAL reads (`load_user`, `claims`,
-`progress`) run their own SELECT text over the same cells.
+them. Batches built by the REAL `SettlementDb` builders (`settler.db.Batch`: statement
+names and bound values) are turned back into row mutations using the column lists of
+their own CQL text (settler.db._CQL); the REAL reads (`load_user`, `claims`, `progress`)
+run their own SELECT text over the same cells.
 
 What a batch guarantees, and what it does not, is up to the caller: a `Mutation` is one
 row write; mutations of the same `replica_key` (table, partition key) are applied
@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 import settler.db
+from settler.db import Batch
 
 # Primary keys of the tables the worker writes and reads (schema/002_balances.cql,
 # schema/003_events.cql): (partition key columns, clustering columns).
@@ -112,18 +113,9 @@ def _mutation(statement: str, parameters: Sequence[Any]) -> Mutation:
     return Mutation(table, partition, clustering, cells, timestamp)
 
 
-class RecordedBatch:
-    """Stands in for cassandra's BatchStatement: keeps (statement, parameters) in order."""
-
-    def __init__(self, batch_type: Any) -> None:
-        self.batch_type = batch_type
-        self.statements: list[tuple[str, tuple[Any, ...]]] = []
-
-    def add(self, statement: str, parameters: Sequence[Any]) -> None:
-        self.statements.append((statement, tuple(parameters)))
-
-    def mutations(self) -> list[Mutation]:
-        return [_mutation(statement, parameters) for statement, parameters in self.statements]
+def mutations(batch: Batch) -> list[Mutation]:
+    """The row writes of a batch built by the real SettlementDb builders."""
+    return [_mutation(name, values) for name, values in batch.statements]
 
 
 Cell = tuple[int, Any]  # (write timestamp, value)

@@ -21,18 +21,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cassandra import InvalidRequest, OperationTimedOut, Unavailable, WriteTimeout, WriteType
-from cassandra.query import BatchType
 
 import settler.db
-from settler.db import SettlementDb
+from settler.db import Batch, SettlementDb
 from settler.lease import Holder
 from tests.unit.sim.world import Process, World
-from tests.unit.simdb import Mutation, RecordedBatch, SimDb
+from tests.unit.simdb import Mutation, SimDb, mutations
 
 PROBE = "SELECT release_version FROM system.local"
 
 
-def batch_bytes(batch: RecordedBatch) -> int:
+def batch_bytes(batch: Batch) -> int:
     """The data size the node counts against its batch size limit."""
     size = 0
     for _, parameters in batch.statements:
@@ -172,10 +171,10 @@ class SimCassandra:
 
     # -- what the node does ----------------------------------------------------------------
 
-    def write(self, batch: RecordedBatch) -> None:
+    def write(self, batch: Batch) -> None:
         """Apply a batch: each partition's share isolated, shares at slightly different
         moments (a multi-partition batch is atomic if LOGGED, never isolated)."""
-        logged = batch.batch_type is BatchType.LOGGED
+        logged = batch.logged
         if logged and batch_bytes(batch) > self.faults.fail_threshold_bytes:
             raise InvalidRequest(f"Batch too large ({batch_bytes(batch)} bytes)")
         if self.write_errors and self.rng.random() < 0.95:
@@ -191,7 +190,7 @@ class SimCassandra:
             self._apply_later(batch, logged)
             raise WriteTimeout("timed out waiting for replicas", write_type=WriteType.BATCH)
         parts: dict[Any, list[Mutation]] = defaultdict(list)
-        for mutation in batch.mutations():
+        for mutation in mutations(batch):
             parts[mutation.replica_key].append(mutation)
         shares = list(parts.values())
         self.rng.shuffle(shares)
@@ -213,11 +212,11 @@ class SimCassandra:
         if not parts and pending in self._applying:
             self._applying.remove(pending)
 
-    def _apply_later(self, batch: RecordedBatch, logged: bool) -> None:
-        mutations = batch.mutations()
+    def _apply_later(self, batch: Batch, logged: bool) -> None:
+        late = mutations(batch)
         self.world.after(self.rng.uniform(0.0, 3.0),
                          lambda: setattr(self, "late_cells_lost",
-                                         self.late_cells_lost + self.db.apply(mutations)))
+                                         self.late_cells_lost + self.db.apply(late)))
 
     def lwt(self, operation: Callable[[], Any]) -> Any:
         if self.lease_errors and self.rng.random() < 0.9:
@@ -289,7 +288,7 @@ class SimLeaseTable:
 
 class SimStore(SettlementDb):
     """The real SettlementDb over the simulated node (statement names stand in for
-    prepared statements; `RecordedBatch` for the driver's BatchStatement)."""
+    prepared statements; batches arrive as `settler.db.Batch`)."""
 
     def __init__(self, node: SimCassandra, process: Process, request_timeout_s: float) -> None:
         self.node = node
@@ -323,11 +322,14 @@ class SimStore(SettlementDb):
 
     async def run(self, statement: Any, parameters: Any = None) -> Any:
         node = self.node
-        if isinstance(statement, RecordedBatch):
+        if isinstance(statement, Batch):
             return await self.request(lambda: node.write(statement))
         if statement == PROBE:
             return await self.request(lambda: [("5.0.6",)])
         return await self.request(lambda: node.db.select(statement, parameters or ()))
+
+    async def read(self, name: str, parameters: tuple[Any, ...]) -> Any:
+        return await self.run(name, parameters)
 
     def lease_table(self) -> SimLeaseTable:
         return SimLeaseTable(self)

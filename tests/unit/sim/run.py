@@ -24,7 +24,6 @@ from unittest import mock
 import structlog
 from aiokafka import TopicPartition
 
-import settler.db
 from settler import kafka as settler_kafka
 from settler import logs
 from settler.config import DEFAULT_REGISTRY, Settings, load_settings
@@ -37,7 +36,7 @@ from tests.model import expected_balances
 from tests.unit.sim.cassandra import Faults, SimCassandra, SimStore
 from tests.unit.sim.kafka import SimConsumer, SimKafka, SimProducer, SimRecord
 from tests.unit.sim.world import Process, World
-from tests.unit.simdb import Mutation, RecordedBatch, SimDb
+from tests.unit.simdb import Mutation, SimDb
 
 REGISTRY = load_registry(DEFAULT_REGISTRY)
 TOPIC = "sim.events"
@@ -317,20 +316,19 @@ class Simulation:
 
         with mock.patch.object(structlog.processors, "TimeStamper", virtual_time):
             logs.configure(LOG_LEVEL, "json", stream=self.log)
-        with mock.patch.object(settler.db, "BatchStatement", RecordedBatch):
-            for index in range(self.scenario.workers):
-                self.start_worker("ab"[index])
-            self.engine()
-            self.schedule_faults()
-            quiet_after = self.world.now + self.scenario.produce_over_s + 75.0
-            self.world.run_until(lambda: self.world.now > quiet_after and self.caught_up(),
-                                 limit_s=4000.0)
-            if self.scenario.replay:
-                self.replay()
-            self.stop_all()
-            # Whatever the batchlog still holds lands before anyone looks.
-            horizon = self.world.now + 20.0
-            self.world.run_until(lambda: self.world.now > horizon, limit_s=60.0)
+        for index in range(self.scenario.workers):
+            self.start_worker("ab"[index])
+        self.engine()
+        self.schedule_faults()
+        quiet_after = self.world.now + self.scenario.produce_over_s + 75.0
+        self.world.run_until(lambda: self.world.now > quiet_after and self.caught_up(),
+                             limit_s=4000.0)
+        if self.scenario.replay:
+            self.replay()
+        self.stop_all()
+        # Whatever the batchlog still holds lands before anyone looks.
+        horizon = self.world.now + 20.0
+        self.world.run_until(lambda: self.world.now > horizon, limit_s=60.0)
 
     def caught_up(self) -> bool:
         ends = self.kafka.ends()
