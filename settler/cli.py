@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import gc
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -67,6 +68,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code: int = args.handler(args, settings)
     except ConfigError as exc:
+        # Clients torn down on the way out may leave futures whose errors the event loop
+        # logs when they are collected: collect them now, so the one line comes last.
+        gc.collect()
         print(f"settler: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
