@@ -7,8 +7,8 @@ that adds its parser and sets `handler(args, settings) -> exit code`.
 from __future__ import annotations
 
 import argparse
-import importlib
 import gc
+import importlib
 import sys
 from collections.abc import Sequence
 from pathlib import Path
