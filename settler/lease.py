@@ -230,7 +230,7 @@ class WriterLease:
         ceiling = max(self._ceiling, max(now_us, self._last_ts) + self._ceiling_span_us())
         expires = now_us // 1000 + int(self.ttl_s * 1000)
         applied = await self.table.renew(self.owner, self.epoch, expires, ceiling)
-        if not applied:
+        if not applied or not self.valid:
             self.held = False
             self._valid_until = 0.0
             return False
@@ -268,7 +268,11 @@ class WriterLease:
 
     @property
     def valid(self) -> bool:
-        return self.held and self.clock.monotonic() < self._valid_until
+        if self.held and self.clock.monotonic() >= self._valid_until:
+            # A lapse is final within a hold: a renewal answered later does not undo it
+            # (whatever was dropped while it looked lapsed would be lost silently).
+            self.held = False
+        return self.held
 
     @property
     def valid_until(self) -> float:

@@ -18,7 +18,11 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from aiokafka import TopicPartition
-from aiokafka.errors import ProducerFenced
+from aiokafka.errors import (
+    MessageSizeTooLargeError,
+    ProducerFenced,
+    RecordTooLargeError,
+)
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from settler import kafka, logs, metrics
@@ -39,6 +43,11 @@ PROGRESS_TIMEOUT_S: Final = 5.0
 
 class ProducerBroken(Exception):
     """The transactional producer cannot go on (a failed abort): the session restarts."""
+
+
+class DeadLetterRefused(Exception):
+    """The dead-letter topic refuses records for a reason no retry fixes (not their size):
+    nothing more can be committed past an invalid record. The worker exits 1."""
 
 
 @dataclass(slots=True)
@@ -103,15 +112,34 @@ class Committer:
         its value (key, headers and the source position stay) and say so."""
         size = DefaultRecordBatchBuilder.estimate_size_in_bytes(
             letter.key, letter.value, letter.headers) + REQUEST_OVERHEAD_BYTES
-        if size <= self.max_request_bytes:
+        if size > self.max_request_bytes:
+            self._omit_value(letter, f"larger than the producer's limit "
+                                     f"({self.max_request_bytes} bytes)")
+
+    def _omit_value(self, letter: Letter, why: str) -> None:
+        if letter.value is None:
             return
-        original = len(letter.value or b"")
+        original = len(letter.value)
         letter.value = None
         letter.headers.append((OMITTED_HEADER, str(original).encode()))
         metrics.DLQ_VALUE_OMITTED.inc()
-        log.warning("dead letter too large for the producer: published without its value",
-                    bytes=original, limit=self.max_request_bytes, topic=letter.tp.topic,
-                    partition=letter.tp.partition, offset=letter.offset)
+        log.warning("dead letter too large: published without its value", why=why,
+                    bytes=original, topic=letter.tp.topic, partition=letter.tp.partition,
+                    offset=letter.offset)
+
+    def forget(self, partitions: set[TopicPartition]) -> None:
+        """Revoked: their queued dead letters come back when their records are re-read."""
+        self.letters = [letter for letter in self.letters if letter.tp not in partitions]
+
+    def pending(self) -> bool:
+        """A commit transaction is still running (not concluded by `commit`)."""
+        return self._txn is not None
+
+    def seed_committed(self, committed: dict[str, int]) -> None:
+        """The group's committed offsets when partitions were assigned."""
+        for stream, offset in committed.items():
+            if offset > self.committed.get(stream, -1):
+                self.committed[stream] = offset
 
     # -- the transaction ---------------------------------------------------------------------
 
@@ -153,7 +181,7 @@ class Committer:
         self._txn = None
         positions, letters = self._txn_content
         error = txn.exception()
-        if isinstance(error, ProducerFenced):
+        if isinstance(error, ProducerFenced | DeadLetterRefused):
             raise error
         if error is not None:
             metrics.retry("kafka_commit")
@@ -174,9 +202,22 @@ class Committer:
         await producer.begin_transaction()
         sends = [await producer.send(self.dlq_topic, value=letter.value, key=letter.key,
                                      headers=letter.headers) for letter in letters]
+        # Every dead letter is acknowledged before the offsets join the transaction: a
+        # record the broker refused must not be committed past (aiokafka would commit the
+        # transaction anyway).
+        results = await asyncio.gather(*sends, return_exceptions=True)
+        refused = [(letter, result) for letter, result in zip(letters, results, strict=True)
+                   if isinstance(result, BaseException)]
+        for letter, error in refused:
+            if isinstance(error, MessageSizeTooLargeError | RecordTooLargeError):
+                self._omit_value(letter, f"the broker refused it: {error}")
+            elif not getattr(error, "retriable", False):
+                raise DeadLetterRefused(
+                    f"the dead-letter topic {self.dlq_topic!r} refuses records: {error!r}")
+        if refused:
+            raise refused[0][1]  # aborted; sent again (without oversize values) next time
         await producer.send_offsets_to_transaction(positions, self.group_id)
         await producer.commit_transaction()
-        await asyncio.gather(*sends)
 
     async def _abort(self) -> None:
         try:

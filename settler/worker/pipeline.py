@@ -71,6 +71,9 @@ class Pipeline:
         self.slots = asyncio.Semaphore(max_in_flight)
         self.tasks: set[asyncio.Task[None]] = set()
         self.fatal: BaseException | None = None
+        # Some group was given up without its acknowledgement: it may still land (a
+        # batchlog replay), so the session is not clean whatever the drain says.
+        self.abandoned = False
         self._claims_tail: asyncio.Future[None] | None = None  # claims durable up to here
         self._group_bytes = 0
         self._group_rows = 0
@@ -196,7 +199,8 @@ class Pipeline:
             claimed.set_result(None)
             await self._send_part(group, group.writes, timestamp, whole=True)
         except (Stopping, Lapsed, asyncio.CancelledError):
-            return  # abandoned: the next session re-reads these events
+            self.abandoned = True  # the next session re-reads these events
+            return
         except Exception as exc:  # noqa: BLE001 - not transient: a bug, the session must end
             self._fail(exc, group)
             return
@@ -204,7 +208,9 @@ class Pipeline:
             if not claimed.done():
                 claimed.cancel()  # later groups must not go ahead of a missing claim
         if not self.tenure.valid:
-            return  # acknowledged too late: another writer may have read the rows before
+            # Acknowledged too late: another writer may have read the rows before.
+            self.abandoned = True
+            return
         self._landed(group, produced_ms, started)
 
     async def _send_part(self, group: Group, writes: Sequence[Write], timestamp: int, *,

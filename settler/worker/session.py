@@ -31,7 +31,7 @@ from settler.db import Progress
 from settler.ledger import Ledger
 from settler.offsets import Offsets
 from settler.registry import Registry
-from settler.worker.committing import Committer, ProducerBroken
+from settler.worker.committing import Committer, DeadLetterRefused, ProducerBroken
 from settler.worker.intake import Intake
 from settler.worker.pipeline import Fatal, Pipeline
 from settler.worker.ports import Clients, Consumer, Producer, Store
@@ -197,7 +197,8 @@ class WriterSession(ConsumerRebalanceListener):  # type: ignore[misc]
         if end is SessionEnd.STOPPED:
             # Clean: no group of this session can land later (the lease may be released
             # and the next writer need not wait).
-            self.clean = await self.pipeline.drain(DRAIN_TIMEOUT_S)
+            drained = await self.pipeline.drain(DRAIN_TIMEOUT_S)
+            self.clean = drained and not self.pipeline.abandoned
             await self._commit_quietly(CLOSE_TIMEOUT_S)
             if self.clean:
                 with contextlib.suppress(TimeoutError):
@@ -212,7 +213,7 @@ class WriterSession(ConsumerRebalanceListener):  # type: ignore[misc]
     async def _commit_quietly(self, timeout: float) -> None:
         try:
             await self.committer.commit(timeout)
-        except (ProducerFenced, ProducerBroken) as exc:
+        except (ProducerFenced, ProducerBroken, DeadLetterRefused) as exc:
             log.warning("final commit failed; the next writer re-reads from the last one",
                         error=repr(exc))
 
@@ -239,15 +240,27 @@ class WriterSession(ConsumerRebalanceListener):  # type: ignore[misc]
             drained = await self.pipeline.drain(max(0.0, deadline - loop.time()))
         except TimeoutError:
             drained = False
+        drained = drained and not self.pipeline.abandoned
         if drained and not self.ended.is_set():
             await self._commit_in_handler(max(1.0, deadline - loop.time()))
-            log.info("partitions revoked after a complete drain", partitions=_names(revoked))
+            if self.committer.pending():
+                # Its dead letters and offsets may still commit; re-reading the revoked
+                # partitions now would publish those dead letters again. A new session's
+                # producer settles it first (same transactional id: it completes or aborts
+                # the pending transaction before the group's offsets are read).
+                log.error("partitions revoked while the commit transaction was still "
+                          "running: ending the writer session", partitions=_names(revoked))
+                self._end(SessionEnd.ABANDONED)
+            else:
+                log.info("partitions revoked after a complete drain",
+                         partitions=_names(revoked))
         elif not self.ended.is_set():
             log.error("partitions revoked while work was still in flight: ending the writer "
                       "session (its memory and in-flight work); the next one waits out the "
                       "takeover wait", partitions=_names(revoked), drain_s=REVOKE_DRAIN_S)
             self._end(SessionEnd.ABANDONED)
         self.offsets.forget(revoked)
+        self.committer.forget(revoked)  # queued dead letters are re-read with their records
         self.revoking = False
         self._revoked.set()
 
@@ -259,10 +272,26 @@ class WriterSession(ConsumerRebalanceListener):  # type: ignore[misc]
         except ProducerBroken as exc:
             log.error("the transactional producer failed", error=repr(exc))
             self._end(SessionEnd.ABANDONED)
+        except DeadLetterRefused as exc:
+            self.pipeline.fatal = self.pipeline.fatal or exc
+            self._end(SessionEnd.FATAL)
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         self.health.checks["partitions"] = True
         log.info("partitions assigned", partitions=_names(assigned))
+        # Where the group already is on each partition, even one this session never
+        # commits (an idle partition must not keep older epochs unresolved for ever).
+        committed: dict[str, int] = {}
+        for tp in sorted(assigned):
+            try:
+                offset = await asyncio.wait_for(self.consumer.committed(tp), 10.0)
+            except (KafkaError, TimeoutError) as exc:
+                log.warning("committed offset not read; resolution waits for a commit",
+                            topic=tp.topic, partition=tp.partition, error=repr(exc))
+                continue
+            if offset is not None and offset >= 0:
+                committed[f"{tp.topic}:{tp.partition}"] = offset
+        self.committer.seed_committed(committed)
 
     # -- helpers ---------------------------------------------------------------------------
 

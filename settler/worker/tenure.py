@@ -103,7 +103,7 @@ class Tenure:
                 renew_at = clock.monotonic() + RENEW_RETRY_S
                 continue
             if not renewed:
-                self._lapse("another worker holds the lease")
+                self._lapse("the lease was not renewed in time, or another worker took it")
                 return
             metrics.TIMESTAMP_AHEAD.set(lease.behind_us / 1e6)
             renew_at = clock.monotonic() + lease.ttl_s / 3

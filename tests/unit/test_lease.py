@@ -113,9 +113,28 @@ def test_validity_ends_at_its_share_of_the_ttl_after_the_renewal_was_sent() -> N
     assert run(lease.try_acquire()) is None
     clock.advance(10 * VALID_SHARE - 0.01)
     assert lease.valid and lease.next_timestamp() is not None
-    clock.advance(0.02)
+    assert run(lease.renew()) is True and lease.valid  # renewed in time: valid again
+    clock.advance(10 * VALID_SHARE + 0.01)
     assert not lease.valid and lease.next_timestamp() is None
-    assert run(lease.renew()) is True and lease.valid
+
+
+def test_a_lapse_is_final_even_if_a_renewal_answers_afterwards() -> None:
+    """Red team: a renewal sent just before the deadline and answered after it must not
+    bring validity back (what was dropped while it looked lapsed would be lost)."""
+    clock = Clock()
+    row = Row()
+    lease = WriterLease(row, ttl_s=10, clock=clock, owner="me")
+    assert run(lease.try_acquire()) is None
+    clock.advance(10 * VALID_SHARE - 0.001)
+    answered_late = row.renew
+
+    async def slow_renew(*args: object) -> bool:
+        clock.advance(0.01)  # the answer comes after the deadline
+        return await answered_late(*args)  # type: ignore[arg-type]
+
+    row.renew = slow_renew  # type: ignore[method-assign]
+    assert run(lease.renew()) is False
+    assert not lease.valid and lease.next_timestamp() is None
 
 
 def test_a_former_writers_clock_far_ahead_never_stalls_the_next_one() -> None:

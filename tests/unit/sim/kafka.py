@@ -330,6 +330,11 @@ class SimConsumer:
     def assignment(self) -> set[TopicPartition]:
         return set(self._assignment)
 
+    async def committed(self, partition: TopicPartition) -> int | None:
+        offset: int | None = await self.kafka.request(
+            lambda: self.kafka.committed.get(partition))
+        return offset
+
     async def end_offsets(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
         ends: dict[TopicPartition, int] = await self.kafka.request(
             lambda: {tp: len(self.kafka.logs[tp]) for tp in partitions})
