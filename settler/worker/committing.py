@@ -66,7 +66,8 @@ class Committer:
     def __init__(self, *, producer: Producer, consumer: Consumer,
                  offsets: Offsets[TopicPartition], tenure: Tenure, store: Store,
                  ledger: Ledger, progress: Progress, frontier: dict[str, int],
-                 dlq_topic: str, group_id: str, max_request_bytes: int,
+                 topics: tuple[str, ...], dlq_topic: str, group_id: str,
+                 max_request_bytes: int,
                  report: Callable[[str, bool], None]) -> None:
         self.producer = producer
         self.report = report  # readiness follows the outcome of each commit
@@ -87,7 +88,10 @@ class Committer:
         # epochs' lineage can be dropped (`Resolved`).
         self.replayed_below = dict(progress.committed)
         self.committed_high = dict(progress.committed)
-        self.frontier_at_start = dict(progress.frontier)
+        # Only partitions of the topics this worker reads can be committed past (a topic
+        # dropped from SETTLER_TOPICS would otherwise keep older epochs unresolved).
+        self.frontier_at_start = {stream: offset for stream, offset in progress.frontier.items()
+                                  if stream.rsplit(":", 1)[0] in topics}
         self.frontier = frontier  # shared with the pipeline: what this session planned
         self.committed: dict[str, int] = {}
 

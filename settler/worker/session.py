@@ -93,7 +93,8 @@ class WriterSession(ConsumerRebalanceListener):  # type: ignore[misc]
         self.committer = Committer(
             producer=self.producer, consumer=self.consumer, offsets=self.offsets,
             tenure=tenure, store=store, ledger=self.ledger, progress=progress,
-            frontier=frontier, dlq_topic=settings.dlq_topic, group_id=settings.group_id,
+            frontier=frontier, topics=settings.topics, dlq_topic=settings.dlq_topic,
+            group_id=settings.group_id,
             max_request_bytes=settings.kafka_max_request_bytes,
             report=lambda kind, ok: self.retrier.report(kind, ok=ok),
         )
