@@ -34,6 +34,7 @@ run: up
 lint: venv
 	@$(BIN)/ruff check settler tests benchmarks
 	@$(BIN)/mypy
+	@$(BIN)/lint-imports
 
 unit: venv
 	@$(BIN)/pytest tests/unit -q $(PYTEST_ARGS)

@@ -38,8 +38,8 @@ from benchmarks.settle import (
     run_worker_phases,
 )
 from benchmarks.stack import ROOT, Stack, hold_machine, machine, progress, snapshot
-from settler import devstack
-from settler.registry import Registry, load_registry
+from settler.core.registry import Registry, load_registry
+from settler.dev import stack as devstack
 
 
 @dataclass(frozen=True)

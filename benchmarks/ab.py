@@ -15,10 +15,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from settler import devstack
 from settler.config import DEFAULT_REGISTRY
-from settler.registry import load_registry
-from settler.sample import StreamShape, generate
+from settler.core.registry import load_registry
+from settler.dev import stack as devstack
+from settler.ops.sample import StreamShape, generate
 from tests import harness
 
 

@@ -2,7 +2,7 @@
 
     .venv/bin/python -m benchmarks.decode
 
-The worker decodes each record value with one `msgspec` call (`settler.events.decode`).
+The worker decodes each record value with one `msgspec` call (`settler.core.events.decode`).
 The alternative measured here joins a fetch's values into one JSON array and decodes it
 with a single call; one invalid record fails that call, so the fetch then has to be
 decoded record by record anyway (the "one bad record" row). Same 2,000-record fetches of
@@ -18,8 +18,8 @@ import msgspec
 
 from benchmarks.stream import TradeShape, trade_stream
 from settler.config import load_settings
-from settler.events import Event, decode
-from settler.registry import load_registry
+from settler.core.events import Event, decode
+from settler.core.registry import load_registry
 
 FETCH = 2_000
 REPEAT = 5

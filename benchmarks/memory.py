@@ -18,7 +18,7 @@ from typing import Any
 from benchmarks.settle import outcome_count
 from benchmarks.stack import Stack, WorkerProcess, metric_sum, produce, progress, rss_bytes
 from benchmarks.stream import deposit_stream
-from settler.registry import Registry
+from settler.core.registry import Registry
 
 SMALL_BOUNDS = {"SETTLER_BALANCE_CACHE_ROWS": "20000", "SETTLER_RECENT_IDS": "50000"}
 

@@ -23,10 +23,10 @@ from pathlib import Path
 
 from cassandra.query import PreparedStatement
 
-from settler import cql
 from settler.config import Settings, load_settings
-from settler.db import SettlementDb, UserBalance
-from settler.schema import apply_schema, drop_keyspace
+from settler.store import cql
+from settler.store.db import SettlementDb, UserBalance
+from settler.store.schema import apply_schema, drop_keyspace
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS_MD = ROOT / "BENCHMARKS.md"

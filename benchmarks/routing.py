@@ -18,9 +18,9 @@ from typing import Any
 
 from benchmarks.settle import CEILING_IN_FLIGHT, _execute_all, plan_all, prepare
 from benchmarks.stack import Stack, hold_machine, progress
-from settler import cql
-from settler.db import SettlementDb
-from settler.registry import load_registry
+from settler.core.registry import load_registry
+from settler.store import cql
+from settler.store.db import SettlementDb
 
 TRADES = 10_000
 ROUNDS = 2

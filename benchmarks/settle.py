@@ -36,10 +36,10 @@ from benchmarks.stack import (
 )
 from benchmarks.stream import Stream, TradeShape, trade_stream
 from settler import kafka
-from settler.db import SettlementDb, id_bucket
-from settler.events import Event, Rejected, decode
-from settler.ledger import Ledger, Position, Write
-from settler.registry import Registry, load_registry
+from settler.core.events import Event, Rejected, decode
+from settler.core.ledger import Ledger, Position, Write
+from settler.core.registry import Registry, load_registry
+from settler.store.db import SettlementDb, id_bucket
 
 CEILING_IN_FLIGHT = 512
 

@@ -25,10 +25,10 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from cassandra import OperationTimedOut
 from cassandra.cluster import NoHostAvailable
 
-from settler import devstack
 from settler.config import Settings, load_settings
-from settler.sample import SampleRecord
-from settler.schema import apply_schema, drop_keyspace
+from settler.dev import stack as devstack
+from settler.ops.sample import SampleRecord
+from settler.store.schema import apply_schema, drop_keyspace
 from tests.harness import delete_groups, free_port
 
 PARTITIONS = 3

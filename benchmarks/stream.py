@@ -14,8 +14,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
-from settler.registry import Registry, Symbol
-from settler.sample import SampleRecord
+from settler.core.registry import Registry, Symbol
+from settler.ops.sample import SampleRecord
 
 FIRST_USER = 100_001
 FIRST_TRADE_ID = 1_000_000
@@ -113,7 +113,7 @@ def trade_stream(registry: Registry, shape: TradeShape) -> Stream:
 
 def _trade(rng: random.Random, symbol: Symbol, trade_id: int, buyer: int, seller: int,
            executed_at: int) -> dict[str, Any]:
-    """A trade shaped like settler.sample's: price improvement refunds and fees included."""
+    """A trade shaped like settler.ops.sample's: price improvement refunds and fees included."""
     price = rng.randint(100_00, 5000_00)
     quantity = rng.randint(1, 2000) * 10**5  # multiples of 10^5 keep the cost exact
     scale = 10 ** (symbol.price_decimals + symbol.base.decimals - symbol.quote.decimals)

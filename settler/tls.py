@@ -1,6 +1,6 @@
 """TLS client contexts built from settings, and what a failed handshake says about them.
 
-Kafka (settler.kafka) and CQL (settler.cql) both build their contexts here, so a missing CA
+Kafka (settler.kafka) and CQL (settler.store.cql) both build their contexts here, so a missing CA
 file or a key that does not fit its certificate is reported once, naming the setting. After
 a failed handshake, `problem()` tells a certificate the client cannot trust (the CA file's
 fault), a certificate for another name (the address's fault) and a client certificate the

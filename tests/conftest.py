@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from settler.config import DEFAULT_REGISTRY, load_settings
-from settler.registry import Registry, load_registry
+from settler.core.registry import Registry, load_registry
 from tests import harness
 
 
@@ -25,7 +25,7 @@ def _answers(address: str) -> bool:
 def pytest_report_header(config: pytest.Config) -> list[str]:
     if not (_answers(harness.BOOTSTRAP) and _answers(harness.CQL)):
         return ["local stack: not running (integration tests will fail; run `settler dev up`)"]
-    from settler import devstack
+    from settler.dev import stack as devstack
 
     versions = devstack.server_versions(load_settings(environ=harness.STACK_ENV))
     return [f"local stack: Apache Kafka {versions.get('kafka', '?')} on {harness.BOOTSTRAP}, "

@@ -23,10 +23,11 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.protocol.admin import DeleteGroupsRequest
 from cassandra.cluster import Session
 
-from settler import cql, replay
 from settler.config import Settings, load_settings
-from settler.sample import SampleRecord
-from settler.schema import apply_schema, drop_keyspace
+from settler.ops import replay
+from settler.ops.sample import SampleRecord
+from settler.store import cql
+from settler.store.schema import apply_schema, drop_keyspace
 
 # The stack the tests talk to: the default local one, or a private one on other ports
 # (`SETTLER_KAFKA_BOOTSTRAP=127.0.0.1:19092 SETTLER_CQL_CONTACT_POINTS=127.0.0.1:19042

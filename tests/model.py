@@ -1,5 +1,5 @@
 """An independent model of what settlement must produce, written apart from settler's
-own rules (no import of settler.settlement or settler.amounts) so the two can disagree."""
+own rules (no import of settler.core.settlement or settler.core.amounts) so the two can disagree."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import json
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from settler.registry import Registry
-from settler.sample import SampleRecord
+from settler.core.registry import Registry
+from settler.ops.sample import SampleRecord
 
 
 @dataclass

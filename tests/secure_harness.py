@@ -16,9 +16,9 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
-from settler import devstack
 from settler.config import load_settings
-from settler.devstack_secure import Material, SecurePorts, load_material
+from settler.dev import stack as devstack
+from settler.dev.secure import Material, SecurePorts, load_material
 from tests import harness
 
 

@@ -10,10 +10,11 @@ from typing import Any
 import uvicorn
 from cassandra import InvalidRequest
 
-from settler import cql, logs
-from settler.api import create_app
+from settler import logs
 from settler.config import Settings
-from settler.db import SettlementDb
+from settler.read.api import create_app
+from settler.store import cql
+from settler.store.db import SettlementDb
 
 STARTUP_FAILURE = 3
 """uvicorn's exit code when the app cannot start, kept for an unreachable database."""

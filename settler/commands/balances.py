@@ -10,8 +10,9 @@ from typing import Any
 
 from cassandra import InvalidRequest
 
-from settler import cql
-from settler.balances_view import (
+from settler.config import Settings
+from settler.core.registry import Asset, Registry, load_registry
+from settler.read.balances_view import (
     BalanceView,
     balances_document,
     balances_table,
@@ -19,9 +20,8 @@ from settler.balances_view import (
     view_one,
     view_rows,
 )
-from settler.config import Settings
-from settler.db import SettlementDb
-from settler.registry import Asset, Registry, load_registry
+from settler.store import cql
+from settler.store.db import SettlementDb
 
 
 def user_id_argument(text: str) -> int:

@@ -7,8 +7,8 @@ import argparse
 import sys
 from typing import Any
 
-from settler import devstack
 from settler.config import Settings
+from settler.dev import stack as devstack
 
 
 def register(subparsers: Any) -> None:

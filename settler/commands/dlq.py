@@ -14,7 +14,7 @@ from aiokafka.errors import KafkaError
 
 from settler import logs, texttable
 from settler.config import Settings
-from settler.deadletters import (
+from settler.ops.deadletters import (
     DeadLetter,
     DeadLetterError,
     Listing,

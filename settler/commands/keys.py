@@ -13,9 +13,11 @@ from typing import Any, TypeVar
 from cassandra import InvalidRequest
 from cassandra.cluster import Session
 
-from settler import apikeys, cql, texttable
+from settler import texttable
 from settler.commands.balances import user_id_argument
 from settler.config import Settings
+from settler.read import apikeys
+from settler.store import cql
 
 A = TypeVar("A")
 T = TypeVar("T")

@@ -13,8 +13,8 @@ from aiokafka.errors import KafkaConnectionError, KafkaError
 
 from settler import logs, texttable
 from settler.config import Settings
-from settler.progress import Progress
-from settler.replay import CatchUp, ReplayError, Rewind, Start, rewind, watch
+from settler.ops.progress import Progress
+from settler.ops.replay import CatchUp, ReplayError, Rewind, Start, rewind, watch
 
 
 def _offset(text: str) -> int:

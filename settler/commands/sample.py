@@ -1,4 +1,4 @@
-"""`settler sample`: publish a realistic market stream (settler.sample.market) into the
+"""`settler sample`: publish a realistic market stream (settler.ops.sample.market) into the
 input topic. `--wait` follows it until the worker has settled it and prints what
 happened; `--worker` (what `make run` does) starts `settler run` first and leaves it
 running afterwards, until Ctrl-C.
@@ -24,12 +24,11 @@ from aiokafka import TopicPartition
 from aiokafka.errors import KafkaError
 from cassandra import InvalidRequest
 
-from settler import cql, kafka
+from settler import kafka
 from settler.config import Settings
-from settler.db import SettlementDb
-from settler.registry import load_registry
-from settler.sample import MarketShape, Sample, market
-from settler.status import (
+from settler.core.registry import load_registry
+from settler.ops.sample import MarketShape, Sample, market
+from settler.ops.status import (
     StatusReader,
     Unreachable,
     default_metrics_url,
@@ -37,6 +36,8 @@ from settler.status import (
     metric_values,
     worker_view,
 )
+from settler.store import cql
+from settler.store.db import SettlementDb
 
 POLL_S = 0.25
 DEFAULT_TIMEOUT_S = 600.0

@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from settler.config import Settings
-from settler.schema import apply_schema
+from settler.store.schema import apply_schema
 
 
 def register(subparsers: Any) -> None:

@@ -16,7 +16,7 @@ import sys
 from typing import Any
 
 from settler.config import Settings
-from settler.status import (
+from settler.ops.status import (
     DEFAULT_MAX_LAG,
     UNREACHABLE,
     Status,

@@ -13,14 +13,15 @@ from typing import Any
 
 from cassandra import InvalidRequest
 
-from settler import cql, logs, texttable
-from settler import verify as reconcile
-from settler.amounts import to_decimal_string
-from settler.balances_view import unregistered_asset
+from settler import logs, texttable
 from settler.config import Settings
-from settler.progress import Progress
-from settler.registry import Asset, Registry, load_registry
-from settler.verify import DEFAULT_PARALLEL, DEFAULT_RANGES, Difference, Figures, Report
+from settler.core.amounts import to_decimal_string
+from settler.core.registry import Asset, Registry, load_registry
+from settler.ops import verify as reconcile
+from settler.ops.progress import Progress
+from settler.ops.verify import DEFAULT_PARALLEL, DEFAULT_RANGES, Difference, Figures, Report
+from settler.read.balances_view import unregistered_asset
+from settler.store import cql
 
 TABLE_HEADER = ("USER", "ASSET", "STORED AVAILABLE", "REBUILT AVAILABLE", "STORED FROZEN",
                 "REBUILT FROZEN", "STORED VERSION", "REBUILT VERSION")

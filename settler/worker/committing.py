@@ -7,7 +7,7 @@ dead-lettered or skipped: `Offsets.commit_ready`), and only while the lease is v
 dead letter is published in the transaction that commits an offset past it, so a
 `read_committed` reader sees it exactly once per source record: a crash before the
 commit aborts both, and the next writer publishes it again. A replay (offsets rewound
-below what was once committed) may publish it again, marked `settler.replay`.
+below what was once committed) may publish it again, marked `settler.ops.replay`.
 """
 
 from __future__ import annotations
@@ -26,16 +26,16 @@ from aiokafka.errors import (
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from settler import kafka, logs, metrics
-from settler.db import Progress
-from settler.ledger import Ledger, Resolved
-from settler.offsets import Offsets
+from settler.core.ledger import Ledger, Resolved
+from settler.core.offsets import Offsets
+from settler.store.db import Progress
 from settler.worker.intake import Item
 from settler.worker.ports import Consumer, Producer, Store
 from settler.worker.tenure import Tenure
 
 log = logs.get("settler.worker")
 
-REPLAY_HEADER: Final = "settler.replay"
+REPLAY_HEADER: Final = "settler.ops.replay"
 OMITTED_HEADER: Final = "settler.value-omitted"
 REQUEST_OVERHEAD_BYTES: Final = 512  # request and batch headers around one record
 PROGRESS_TIMEOUT_S: Final = 5.0

@@ -17,11 +17,11 @@ from aiokafka import ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
 from settler import logs, metrics
-from settler.db import id_bucket
-from settler.events import Event, Rejected, decode
-from settler.ledger import Ledger, Position
-from settler.offsets import Offsets
-from settler.settlement import Effect
+from settler.core.events import Event, Rejected, decode
+from settler.core.ledger import Ledger, Position
+from settler.core.offsets import Offsets
+from settler.core.settlement import Effect
+from settler.store.db import id_bucket
 from settler.worker.ports import Consumer, Store
 from settler.worker.retry import Retrier
 

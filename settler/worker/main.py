@@ -10,10 +10,11 @@ from typing import Final
 from aiokafka.errors import KafkaError
 from cassandra import InvalidRequest
 
-from settler import cql, logs, metrics
+from settler import logs, metrics
 from settler.config import ConfigError, ConnectionSettingError, Settings
-from settler.lease import WriterLease
-from settler.registry import Registry, load_registry
+from settler.core.registry import Registry, load_registry
+from settler.store import cql
+from settler.store.lease import WriterLease
 from settler.worker.ports import Clients, Store, production_clients
 from settler.worker.retry import Backoff, Retrier, Stopping
 from settler.worker.session import CLOSE_TIMEOUT_S, SessionEnd, WriterSession

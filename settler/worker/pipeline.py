@@ -24,11 +24,16 @@ from aiokafka import TopicPartition
 from cassandra import InvalidRequest
 
 from settler import logs, metrics
-from settler.db import BALANCE_RECORD_BYTES, LINEAGE_ENTRY_BYTES, ROW_BYTES, TRADE_RECORD_BYTES
-from settler.events import Rejected, Trade, kind
-from settler.ledger import Group, Ledger, Reject, ReplanInFlight, Skip, Write
-from settler.offsets import Offsets
-from settler.registry import Registry
+from settler.core.events import Rejected, Trade, kind
+from settler.core.ledger import Group, Ledger, Reject, ReplanInFlight, Skip, Write
+from settler.core.offsets import Offsets
+from settler.core.registry import Registry
+from settler.store.db import (
+    BALANCE_RECORD_BYTES,
+    LINEAGE_ENTRY_BYTES,
+    ROW_BYTES,
+    TRADE_RECORD_BYTES,
+)
 from settler.worker.intake import Item, all_or_none
 from settler.worker.ports import Store
 from settler.worker.retry import Retrier, Stopping

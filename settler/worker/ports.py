@@ -16,9 +16,9 @@ from aiokafka.abc import ConsumerRebalanceListener
 
 from settler import kafka
 from settler.config import Settings
-from settler.db import Progress, SettlementDb
-from settler.lease import Clock, CqlLeaseTable, LeaseTable, SystemClock
-from settler.ledger import Claim, Resolved, Row, RowImage, Write
+from settler.core.ledger import Claim, Resolved, Row, RowImage, Write
+from settler.store.db import Progress, SettlementDb
+from settler.store.lease import Clock, CqlLeaseTable, LeaseTable, SystemClock
 
 
 class Consumer(Protocol):
@@ -117,7 +117,7 @@ class ProductionStore(SettlementDb):
         store = await cls.open(settings)
         assert isinstance(store, ProductionStore)
         if settings.cql_driver == "acsylla":
-            from settler.acsylla_writer import AcsyllaWriter
+            from settler.store.acsylla_writer import AcsyllaWriter
 
             try:
                 store.writer = await AcsyllaWriter.open(settings, store.worker_statements())

@@ -10,7 +10,8 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from settler import cql, logs, metrics
+from settler import logs, metrics
+from settler.store import cql
 
 log = logs.get("settler.worker")
 

@@ -27,10 +27,10 @@ from aiokafka.errors import KafkaError, ProducerFenced
 
 from settler import kafka, logs, metrics
 from settler.config import ConnectionSettingError, Settings
-from settler.db import Progress
-from settler.ledger import Ledger
-from settler.offsets import Offsets
-from settler.registry import Registry
+from settler.core.ledger import Ledger
+from settler.core.offsets import Offsets
+from settler.core.registry import Registry
+from settler.store.db import Progress
 from settler.worker.committing import Committer, DeadLetterRefused, ProducerBroken
 from settler.worker.intake import Intake
 from settler.worker.pipeline import Fatal, Pipeline

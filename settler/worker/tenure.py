@@ -14,8 +14,9 @@ import contextlib
 from collections.abc import Callable
 from typing import Final
 
-from settler import cql, logs, metrics
-from settler.lease import Holder, LeaseLost, WriterLease
+from settler import logs, metrics
+from settler.store import cql
+from settler.store.lease import Holder, LeaseLost, WriterLease
 from settler.worker.retry import Stopping
 
 log = logs.get("settler.worker")

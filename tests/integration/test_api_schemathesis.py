@@ -21,10 +21,10 @@ import uvicorn
 from hypothesis.strategies import SearchStrategy
 from schemathesis import APIOperation, BaseSchema, Case, GenerationMode
 
-from settler import apikeys
-from settler.api import API_KEY_HEADER, create_app
 from settler.config import Settings
-from settler.db import SettlementDb
+from settler.read import apikeys
+from settler.read.api import API_KEY_HEADER, create_app
+from settler.store.db import SettlementDb
 from tests import harness
 
 pytestmark = pytest.mark.integration

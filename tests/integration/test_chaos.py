@@ -27,9 +27,9 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewPartitions
 
-from settler import devstack
-from settler.registry import Registry
-from settler.sample import SampleRecord, StreamShape, generate
+from settler.core.registry import Registry
+from settler.dev import stack as devstack
+from settler.ops.sample import SampleRecord, StreamShape, generate
 from settler.worker import REVOKE_DRAIN_S
 from tests import harness
 from tests.model import expected_balances

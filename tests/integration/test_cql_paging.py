@@ -7,7 +7,7 @@ import asyncio
 import pytest
 from cassandra.query import SimpleStatement
 
-from settler import cql
+from settler.store import cql
 from tests import harness
 
 pytestmark = pytest.mark.integration

@@ -1,4 +1,4 @@
-"""settler.devstack: port parsing, status output, and (with the stack up) live status."""
+"""settler.dev.stack: port parsing, status output, and (with the stack up) live status."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from settler import devstack
 from settler.config import Settings, load_settings
+from settler.dev import stack as devstack
 
 
 def _settings(**env: str) -> Settings:

@@ -20,7 +20,7 @@ from typing import IO
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from settler.schema import apply_schema
+from settler.store.schema import apply_schema
 from settler.worker import SHUTDOWN_BUDGET_S
 from tests import harness
 

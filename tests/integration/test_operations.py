@@ -19,9 +19,10 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
-from settler import devstack, replay
-from settler.registry import Registry
-from settler.sample import SampleRecord, StreamShape, generate
+from settler.core.registry import Registry
+from settler.dev import stack as devstack
+from settler.ops import replay
+from settler.ops.sample import SampleRecord, StreamShape, generate
 from tests import harness
 from tests.model import expected_balances
 
@@ -383,7 +384,7 @@ async def test_verify_reports_exactly_a_row_changed_behind_the_workers_back(
 
 
 def _execute(env: harness.TestEnv, query: str, parameters: tuple[Any, ...]) -> None:
-    from settler import cql
+    from settler.store import cql
 
     cluster, session = cql.connect(env.settings, keyspace=env.settings.keyspace)
     try:

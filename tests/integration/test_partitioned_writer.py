@@ -16,8 +16,8 @@ from collections import Counter
 
 import pytest
 
-from settler.registry import Registry
-from settler.sample import StreamShape, generate
+from settler.core.registry import Registry
+from settler.ops.sample import StreamShape, generate
 from tests import harness
 from tests.model import expected_balances
 from tests.proxy import proxy_to

@@ -20,8 +20,8 @@ from typing import Any
 import httpx
 import pytest
 
-from settler.registry import Registry
-from settler.sample import SampleRecord, StreamShape, generate
+from settler.core.registry import Registry
+from settler.ops.sample import SampleRecord, StreamShape, generate
 from tests import harness
 
 pytestmark = pytest.mark.integration

@@ -18,11 +18,13 @@ import httpx
 import pytest
 from starlette.applications import Starlette
 
-from settler import apikeys, cli, cql
-from settler.api import create_app
+from settler import cli
 from settler.config import Settings
-from settler.db import SettlementDb, UserBalance
-from settler.registry import INT64_MAX
+from settler.core.registry import INT64_MAX
+from settler.read import apikeys
+from settler.read.api import create_app
+from settler.store import cql
+from settler.store.db import SettlementDb, UserBalance
 from tests import harness
 
 pytestmark = pytest.mark.integration

@@ -8,10 +8,11 @@ import json
 
 import pytest
 
-from settler import apikeys, cli
-from settler.api import create_app
-from settler.db import SettlementDb
-from settler.sample import SampleRecord
+from settler import cli
+from settler.ops.sample import SampleRecord
+from settler.read import apikeys
+from settler.read.api import create_app
+from settler.store.db import SettlementDb
 from tests import harness
 from tests.integration.test_reads import api_client
 

@@ -24,8 +24,8 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from settler import kafka
 from settler.config import Settings, load_settings
-from settler.registry import Registry
-from settler.sample import SampleRecord, StreamShape, generate
+from settler.core.registry import Registry
+from settler.ops.sample import SampleRecord, StreamShape, generate
 from tests import harness
 from tests.integration.test_settlement import assert_dead_letters, assert_settled_exactly
 from tests.secure_harness import (

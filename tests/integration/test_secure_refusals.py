@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from settler import devstack_secure
 from settler.config import ConnectionSettingError, load_settings
-from settler.registry import load_registry
-from settler.schema import apply_schema, drop_keyspace
+from settler.core.registry import load_registry
+from settler.dev import secure as devstack_secure
+from settler.store.schema import apply_schema, drop_keyspace
 from settler.worker import Worker
 from tests import harness
 from tests.secure_harness import (

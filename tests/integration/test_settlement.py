@@ -9,9 +9,9 @@ from collections import Counter
 
 import pytest
 
-from settler import devstack
-from settler.registry import Registry
-from settler.sample import SampleRecord, StreamShape, generate
+from settler.core.registry import Registry
+from settler.dev import stack as devstack
+from settler.ops.sample import SampleRecord, StreamShape, generate
 from tests import harness
 from tests.model import expected_balances
 

@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from settler import devstack
-from settler.registry import Registry
-from settler.sample import MarketShape, Sample, market
+from settler.core.registry import Registry
+from settler.dev import stack as devstack
+from settler.ops.sample import MarketShape, Sample, market
 from tests import harness
 
 pytestmark = pytest.mark.integration

@@ -1,9 +1,9 @@
 """A simulated Cassandra's cells for the crash simulation: pure Python, no I/O.
 
 Tables are cells with last-write-wins by (write timestamp, value), as Cassandra resolves
-them. Batches built by the REAL `SettlementDb` builders (`settler.db.Batch`: statement
+them. Batches built by the REAL `SettlementDb` builders (`settler.store.db.Batch`: statement
 names and bound values) are turned back into row mutations using the column lists of
-their own CQL text (settler.db._CQL); the REAL reads (`load_user`, `claims`, `progress`)
+their own CQL text (settler.store.db._CQL); the REAL reads (`load_user`, `claims`, `progress`)
 run their own SELECT text over the same cells.
 
 What a batch guarantees, and what it does not, is up to the caller: a `Mutation` is one
@@ -20,8 +20,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-import settler.db
-from settler.db import Batch
+import settler.store.db
+from settler.store.db import Batch
 
 # Primary keys of the tables the worker writes and reads (schema/002_balances.cql,
 # schema/003_events.cql): (partition key columns, clustering columns).
@@ -71,11 +71,11 @@ def _select(cql: str) -> tuple[str, tuple[str, ...], tuple[tuple[str, str], ...]
 
 
 _STATEMENTS: Final = {
-    name: _insert_columns(text) for name, text in settler.db._CQL.items()
+    name: _insert_columns(text) for name, text in settler.store.db._CQL.items()
     if text.startswith("INSERT")
 }
 _QUERIES: Final = {
-    name: _select(text) for name, text in settler.db._CQL.items() if text.startswith("SELECT")
+    name: _select(text) for name, text in settler.store.db._CQL.items() if text.startswith("SELECT")
 }
 
 
@@ -164,7 +164,7 @@ class SimDb:
         return other
 
     def select(self, statement: str, parameters: Sequence[Any]) -> list[tuple[Any, ...]]:
-        """One of settler.db's SELECTs: equality on the whole partition key, any
+        """One of settler.store.db's SELECTs: equality on the whole partition key, any
         comparison on clustering columns; rows in clustering order."""
         table, columns, conditions = _QUERIES[statement]
         partition_columns, clustering_columns = PRIMARY_KEYS[table]
@@ -211,7 +211,7 @@ class SimDb:
 
     def claims(self, is_trade: bool) -> dict[int, tuple[bytes, str]]:
         """Claimed id (id_claims) -> (digest, source)."""
-        kind = settler.db._claim_kind(is_trade)
+        kind = settler.store.db._claim_kind(is_trade)
         return {
             event_id: (row["digest"][1], row["source"][1])
             for (claim_kind, _), partition in self.tables["id_claims"].items()

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from settler.amounts import (
+from settler.core.amounts import (
     INT64_MAX,
     INT64_MIN,
     AmountError,
@@ -18,7 +18,7 @@ from settler.amounts import (
     parse_decimal,
     to_decimal_string,
 )
-from settler.events import Reason
+from settler.core.events import Reason
 
 decimals = st.integers(min_value=0, max_value=18)
 positive_int64 = st.one_of(

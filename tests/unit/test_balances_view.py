@@ -6,8 +6,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from settler.amounts import parse_decimal
-from settler.balances_view import (
+from settler.config import DEFAULT_REGISTRY
+from settler.core.amounts import parse_decimal
+from settler.core.registry import INT64_MAX, load_registry
+from settler.read.balances_view import (
     TABLE_HEADER,
     balances_document,
     balances_table,
@@ -15,9 +17,7 @@ from settler.balances_view import (
     view_one,
     view_rows,
 )
-from settler.config import DEFAULT_REGISTRY
-from settler.db import UserBalance
-from settler.registry import INT64_MAX, load_registry
+from settler.store.db import UserBalance
 
 REGISTRY = load_registry(DEFAULT_REGISTRY)
 BTC = REGISTRY.asset_named("BTC")

@@ -1,4 +1,4 @@
-"""Which setting a refused connection points at (settler.tls, settler.cql, settler.kafka),
+"""Which setting a refused connection points at (settler.tls, settler.store.cql, settler.kafka),
 and the TLS contexts built from settings. Real TLS handshakes run in memory between
 certificates made like the secure dev stack's; no server needed."""
 
@@ -22,9 +22,11 @@ from aiokafka.errors import (
 from cassandra import AuthenticationFailed, OperationTimedOut
 from cassandra.cluster import NoHostAvailable
 
-from settler import cql, devstack_secure, kafka, tls
+from settler import kafka, tls
 from settler.config import ConfigError, ConnectionSettingError, Settings, help_table, load_settings
-from settler.devstack_secure import Material, SecurePorts
+from settler.dev import secure as devstack_secure
+from settler.dev.secure import Material, SecurePorts
+from settler.store import cql
 
 PASSWORD = "hunter2-never-printed"
 

@@ -10,8 +10,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from settler import devstack
-from settler.devstack_secure import SecurePorts
+from settler.dev import stack as devstack
+from settler.dev.secure import SecurePorts
 
 CASSANDRA = "org.apache.cassandra.service.CassandraDaemon"
 

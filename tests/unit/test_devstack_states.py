@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from settler import devstack
+from settler.dev import stack as devstack
 
 
 def test_waiting_for_a_stop_that_never_comes_fails() -> None:

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from settler.events import (
+from settler.core.events import (
     INT64_MAX,
     Deposit,
     Event,

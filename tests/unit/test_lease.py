@@ -8,7 +8,7 @@ import asyncio
 import pytest
 from cassandra import WriteTimeout, WriteType
 
-from settler.lease import VALID_SHARE, Holder, LeaseLost, WriterLease
+from settler.store.lease import VALID_SHARE, Holder, LeaseLost, WriterLease
 
 
 class Clock:

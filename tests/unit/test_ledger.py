@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 
 from settler.config import DEFAULT_REGISTRY
-from settler.events import Rejected, decode, digest
-from settler.ledger import (
+from settler.core.events import Rejected, decode, digest
+from settler.core.ledger import (
     Claim,
     Ledger,
     Outcome,
@@ -21,8 +21,8 @@ from settler.ledger import (
     Write,
     row_keys,
 )
-from settler.registry import load_registry
-from settler.settlement import Effect
+from settler.core.registry import load_registry
+from settler.core.settlement import Effect
 
 REGISTRY = load_registry(DEFAULT_REGISTRY)
 TOPIC = "t"

@@ -15,10 +15,10 @@ from aiokafka import TopicPartition
 
 from settler import logs
 from settler.config import load_settings
-from settler.deadletters import DeadLetter, Position, text_of
-from settler.progress import Progress
-from settler.replay import Rewind, catch_up
-from settler.verify import (
+from settler.ops.deadletters import DeadLetter, Position, text_of
+from settler.ops.progress import Progress
+from settler.ops.replay import Rewind, catch_up
+from settler.ops.verify import (
     TOKEN_MAX,
     TOKEN_MIN,
     Figures,

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from settler.config import DEFAULT_REGISTRY, ConfigError
-from settler.registry import Asset, Symbol, load_registry
+from settler.core.registry import Asset, Symbol, load_registry
 
 GOOD_REGISTRY = """
 fee_account = 77

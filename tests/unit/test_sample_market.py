@@ -1,4 +1,4 @@
-"""The market stream of `settler sample` (settler.sample.market): realistic bookkeeping,
+"""The market stream of `settler sample` (settler.ops.sample.market): realistic bookkeeping,
 and the promise that makes it safe to settle in any interleaving of its partitions.
 
 Every stream here is replayed through settler's own pure rules (decode, effect_of), the
@@ -19,10 +19,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from settler.config import DEFAULT_REGISTRY
-from settler.events import Rejected, Trade, decode
-from settler.registry import load_registry
-from settler.sample import MarketShape, Sample, SampleRecord, market, partition_of
-from settler.settlement import effect_of
+from settler.core.events import Rejected, Trade, decode
+from settler.core.registry import load_registry
+from settler.core.settlement import effect_of
+from settler.ops.sample import MarketShape, Sample, SampleRecord, market, partition_of
 
 REGISTRY = load_registry(DEFAULT_REGISTRY)
 MAKE_RUN = MarketShape(events=5000, users=200, partitions=3, duplicate_rate=0.01,

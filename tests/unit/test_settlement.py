@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from settler.amounts import AmountError
 from settler.config import DEFAULT_REGISTRY
-from settler.events import (
+from settler.core.amounts import AmountError
+from settler.core.events import (
     INT64_MAX,
     BalanceEvent,
     Deposit,
@@ -23,8 +23,8 @@ from settler.events import (
     Unfreeze,
     Withdraw,
 )
-from settler.registry import Asset, Registry, Symbol, load_registry
-from settler.settlement import (
+from settler.core.registry import Asset, Registry, Symbol, load_registry
+from settler.core.settlement import (
     EMPTY_BALANCE,
     Balance,
     Delta,

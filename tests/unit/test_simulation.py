@@ -136,7 +136,7 @@ def test_batches_the_database_finds_too_large_are_split() -> None:
 
 def test_replay_from_offset_zero_changes_no_balance() -> None:
     """After everything settled, the group is rewound to 0 and both workers read it all
-    again (re-published dead letters are marked settler.replay)."""
+    again (re-published dead letters are marked settler.ops.replay)."""
     run_all(lambda seed: shape(seed, faults=FAULT_KINDS, fault_count=3, replay=True), 8)
 
 

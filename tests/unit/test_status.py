@@ -9,9 +9,8 @@ import pytest
 from prometheus_client import generate_latest
 
 from settler import metrics
-from settler.lease import Holder
 from settler.metrics import RecentWindow
-from settler.status import (
+from settler.ops.status import (
     DeadLetterView,
     PartitionView,
     Status,
@@ -21,6 +20,7 @@ from settler.status import (
     render,
     writer_line,
 )
+from settler.store.lease import Holder
 
 NOW_MS = 1_800_000_000_000
 

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from settler.config import DEFAULT_REGISTRY, load_settings
-from settler.registry import load_registry
+from settler.core.registry import load_registry
 from settler.worker import Worker
 from settler.worker.main import DEFAULT_BATCH_MAX_BYTES, TAKEOVER_WAIT_S
 

@@ -22,9 +22,9 @@ from typing import Any
 
 from cassandra import InvalidRequest, OperationTimedOut, Unavailable, WriteTimeout, WriteType
 
-import settler.db
-from settler.db import Batch, SettlementDb
-from settler.lease import Holder
+import settler.store.db
+from settler.store.db import Batch, SettlementDb
+from settler.store.lease import Holder
 from tests.unit.sim.world import Process, World
 from tests.unit.simdb import Mutation, SimDb, mutations
 
@@ -288,13 +288,13 @@ class SimLeaseTable:
 
 class SimStore(SettlementDb):
     """The real SettlementDb over the simulated node (statement names stand in for
-    prepared statements; batches arrive as `settler.db.Batch`)."""
+    prepared statements; batches arrive as `settler.store.db.Batch`)."""
 
     def __init__(self, node: SimCassandra, process: Process, request_timeout_s: float) -> None:
         self.node = node
         self.process = process
         self.request_timeout_s = request_timeout_s
-        self._prepared = {name: name for name in settler.db._CQL}  # type: ignore[misc]
+        self._prepared = {name: name for name in settler.store.db._CQL}  # type: ignore[misc]
 
     async def request(self, work: Callable[[], Any]) -> Any:
         """Send `work` to the node; its answer, or the driver's OperationTimedOut."""

@@ -27,9 +27,9 @@ from aiokafka import TopicPartition
 from settler import kafka as settler_kafka
 from settler import logs
 from settler.config import DEFAULT_REGISTRY, Settings, load_settings
-from settler.events import Rejected, Trade, decode, digest
-from settler.registry import load_registry
-from settler.sample import SampleRecord, StreamShape, generate
+from settler.core.events import Rejected, Trade, decode, digest
+from settler.core.registry import load_registry
+from settler.ops.sample import SampleRecord, StreamShape, generate
 from settler.worker import Worker
 from settler.worker.ports import Clients, Store
 from tests.model import expected_balances
@@ -410,7 +410,7 @@ def check_records(db: SimDb, positions: dict[tuple[int, int], SampleRecord]) -> 
 def check_dead_letters(kafka: SimKafka, positions: dict[tuple[int, int], SampleRecord], *,
                        replayed: bool) -> None:
     """As a read_committed consumer sees the dead-letter topic: each invalid record
-    exactly once with its reason (a replay may add copies marked settler.replay)."""
+    exactly once with its reason (a replay may add copies marked settler.ops.replay)."""
     expected = Counter(
         (f"{TOPIC}/{partition}/{offset}", record.expect)
         for (partition, offset), record in positions.items() if record.expect is not None)
@@ -419,7 +419,7 @@ def check_dead_letters(kafka: SimKafka, positions: dict[tuple[int, int], SampleR
     for letter in kafka.dead_letters:
         headers = {key: value.decode() for key, value in letter.headers}
         key = (headers["settler.source"], headers["settler.reason"])
-        (replays if headers.get("settler.replay") else seen)[key] += 1
+        (replays if headers.get("settler.ops.replay") else seen)[key] += 1
     assert seen == expected, (f"dead letters differ: missing {expected - seen}, "
                               f"extra {seen - expected}")
     if not replayed:

@@ -17,10 +17,10 @@ from typing import Any, Final, Protocol
 from cassandra.cluster import Cluster, Session
 from cassandra.query import BatchStatement, BatchType, PreparedStatement
 
-from settler import cql
 from settler.config import Settings
-from settler.events import Trade, kind
-from settler.ledger import Claim, Resolved, Row, RowImage, Write
+from settler.core.events import Trade, kind
+from settler.core.ledger import Claim, Resolved, Row, RowImage, Write
+from settler.store import cql
 
 ID_BUCKET_BITS: Final = 12
 """Ids are stored in partitions of 4096 consecutive ids (see schema/003_events.cql)."""

@@ -5,14 +5,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from settler import cql
 from settler.config import Settings
+from settler.store import cql
 
 
 def schema_dir() -> Path:
     """schema/ beside the package (a source checkout or the Docker image's /app)."""
     override = os.environ.get("SETTLER_SCHEMA_DIR")
-    return Path(override) if override else Path(__file__).resolve().parent.parent / "schema"
+    return Path(override) if override else Path(__file__).resolve().parents[2] / "schema"
 
 
 def schema_statements(settings: Settings) -> list[str]:

@@ -6,7 +6,7 @@
 time - data, logs, pid files, rendered configs - lives under `stack_dir()` (`<repo>/.stack`,
 or `$SETTLER_STACK_DIR`). Both servers listen on loopback only.
 
-`settler dev up --secure` adds the secure mode (settler.devstack_secure: a throw-away CA,
+`settler dev up --secure` adds the secure mode (settler.dev.secure: a throw-away CA,
 certificates and passwords under `.stack/secure/`): Kafka gets a SASL_SSL and a mutual-TLS
 listener beside the plain one, and a second Cassandra (`cassandra-secure`, own ports and data)
 runs with client encryption and password authentication. The plain listener and the plain
@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 from settler.config import Settings
 
 if TYPE_CHECKING:
-    from settler.devstack_secure import Material, SecurePorts
+    from settler.dev.secure import Material, SecurePorts
 
 __all__ = [
     "SECURE_SERVICE",
@@ -127,7 +127,7 @@ class Ports:
         return self.cassandra_storage + SECURE_CQL_OFFSET
 
     def secure(self) -> SecurePorts:
-        from settler.devstack_secure import SecurePorts
+        from settler.dev.secure import SecurePorts
 
         return SecurePorts(self.kafka_sasl_ssl, self.kafka_ssl, self.cql_secure)
 
@@ -165,7 +165,7 @@ class ServiceStatus:
 
 def repo_root() -> Path:
     """The directory holding the `settler` package (and `deploy/`)."""
-    return Path(__file__).resolve().parent.parent
+    return Path(__file__).resolve().parents[2]
 
 
 def deploy_dir() -> Path:
@@ -567,7 +567,7 @@ def _kafka_dir() -> Path:
     return stack_dir() / "kafka"
 
 
-_SECURE_KAFKA_MARK = "# settler.devstack mode: secure"
+_SECURE_KAFKA_MARK = "# settler.dev.stack mode: secure"
 
 
 def _render_kafka_config(ports: Ports, material: Material | None = None) -> Path:
@@ -593,10 +593,10 @@ def _kafka_config_text(ports: Ports, material: Material | None) -> str:
             [*listeners, f"CONTROLLER://127.0.0.1:{ports.kafka_controller}"]),
         "advertised.listeners": ",".join(listeners),
     }
-    lines = [template.rstrip("\n"), "", "# ---- written by settler.devstack (last value wins)"]
+    lines = [template.rstrip("\n"), "", "# ---- written by settler.dev.stack (last value wins)"]
     lines += [f"{key}={value}" for key, value in overrides.items()]
     if material is not None:
-        from settler.devstack_secure import kafka_properties
+        from settler.dev.secure import kafka_properties
 
         lines += ["", _SECURE_KAFKA_MARK, kafka_properties(material).rstrip("\n")]
     return "\n".join(lines) + "\n"
@@ -735,7 +735,7 @@ def _start_cassandra(java: str, jars: list[Path], ports: Ports,
     cql, storage_port = ports.cql, ports.cassandra_storage
     extra: list[str] = []
     if material is not None:
-        from settler.devstack_secure import cassandra_yaml
+        from settler.dev.secure import cassandra_yaml
 
         config = storage / "cassandra.yaml"
         config.touch(mode=0o600, exist_ok=True)  # holds the keystore password
@@ -818,7 +818,7 @@ def _answers(service: str, ports: Ports, material: Material | None = None) -> bo
     if service == "kafka":
         return _kafka_answers(ports.kafka)
     if service == SECURE_SERVICE:
-        from settler.devstack_secure import cql_answers
+        from settler.dev.secure import cql_answers
 
         return material is not None and cql_answers(ports.cql_secure, material)
     return _cql_release_version(ports.cql) is not None
@@ -843,11 +843,11 @@ def up(settings: Settings, *, secure: bool = False, timeout_s: float = 240.0,
             _set_up_secure_users(ports, material, say, started)
 
     try:
-        from settler.schema import apply_schema
+        from settler.store.schema import apply_schema
     except ModuleNotFoundError as exc:
-        if exc.name != "settler.schema":
+        if exc.name != "settler.store.schema":
             raise
-        say("note: settler.schema is missing, schema not applied")
+        say("note: settler.store.schema is missing, schema not applied")
     else:
         say(f"applying schema (keyspace {settings.keyspace})...")
         apply_schema(settings)
@@ -860,7 +860,7 @@ def up(settings: Settings, *, secure: bool = False, timeout_s: float = 240.0,
 
 
 def _secure_material(ports: Ports, say: Callable[[str], None]) -> Material:
-    from settler.devstack_secure import ensure_material, write_settings_file
+    from settler.dev.secure import ensure_material, write_settings_file
 
     material, made = ensure_material()
     if made:
@@ -876,7 +876,7 @@ def _secure_material(ports: Ports, say: Callable[[str], None]) -> Material:
 def _set_up_secure_users(ports: Ports, material: Material, say: Callable[[str], None],
                          started: float) -> None:
     """Kafka's SCRAM credentials and the secure Cassandra's roles; then both logins work."""
-    from settler.devstack_secure import (
+    from settler.dev.secure import (
         ensure_cassandra_roles,
         ensure_kafka_users,
         kafka_login_works,
@@ -1067,7 +1067,7 @@ def status(settings: Settings) -> list[ServiceStatus]:
 
 def _release_version(service: str, ports: Ports) -> str | None:
     if service == SECURE_SERVICE:
-        from settler.devstack_secure import cql_release_version, load_material
+        from settler.dev.secure import cql_release_version, load_material
 
         material = load_material()
         return cql_release_version(ports.cql_secure, material) if material else None
@@ -1077,7 +1077,7 @@ def _release_version(service: str, ports: Ports) -> str | None:
 def secure_mode_running() -> bool:
     """Whether Kafka runs with the secure listeners, the secure Cassandra runs, and the
     secure material exists (what `settler dev up --secure` leaves behind)."""
-    from settler.devstack_secure import load_material
+    from settler.dev.secure import load_material
 
     return (_kafka_runs_secure() and _pid_of("kafka") is not None
             and _pid_of(SECURE_SERVICE) is not None and load_material() is not None)
@@ -1086,7 +1086,7 @@ def secure_mode_running() -> bool:
 def mode_line(settings: Settings) -> str:
     """Which mode runs, and for the secure one where its listeners, CA file and settler
     settings are (never the passwords)."""
-    from settler.devstack_secure import load_material
+    from settler.dev.secure import load_material
 
     ports = ports_for(settings)
     kafka_secure = _kafka_runs_secure() and _pid_of("kafka") is not None

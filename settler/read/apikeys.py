@@ -18,7 +18,7 @@ from typing import Final
 from cassandra.cluster import Session
 from cassandra.query import BatchStatement, BatchType, PreparedStatement
 
-from settler import cql
+from settler.store import cql
 
 KEY_PREFIX: Final = "sk_"
 KEY_ID_PREFIX: Final = "kid_"

@@ -3,7 +3,7 @@
 A throw-away CA, the servers' and a client's certificates and generated passwords (openssl,
 at set-up, under `.stack/secure/`, never checked in); Kafka's SASL_SSL and mutual-TLS
 listeners; the second Cassandra's TLS + password configuration; and the users both servers
-get at start-up. settler.devstack starts and stops the processes.
+get at start-up. settler.dev.stack starts and stops the processes.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from cassandra.io.asyncioreactor import AsyncioConnection
 from cassandra.policies import WhiteListRoundRobinPolicy
 
 from settler import tls
-from settler.devstack import DevStackError, deploy_dir, stack_dir
+from settler.dev.stack import DevStackError, deploy_dir, stack_dir
 
 KAFKA_USER = "settler"
 CQL_USER = "settler"

@@ -28,7 +28,7 @@ from cassandra import ConsistencyLevel
 from cassandra.cluster import Session
 from cassandra.query import PreparedStatement
 
-from settler import cql
+from settler.store import cql
 
 LEASE_NAME: Final = "writer"
 VALID_SHARE: Final = 0.8

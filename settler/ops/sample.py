@@ -35,8 +35,8 @@ from typing import Any, Final, Protocol
 
 from aiokafka.partitioner import murmur2
 
-from settler.amounts import cost
-from settler.registry import Registry, Symbol
+from settler.core.amounts import cost
+from settler.core.registry import Registry, Symbol
 
 TRADE_SHARE = 0.6
 

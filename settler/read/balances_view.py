@@ -1,5 +1,5 @@
 """Balances as people and tools see them: asset names from the registry, amounts as decimal
-strings in whole units (scaled by settler.amounts), as a text table or a JSON document.
+strings in whole units (scaled by settler.core.amounts), as a text table or a JSON document.
 
 Pure functions of stored rows and the registry; shared by `settler balances` and the HTTP API
 so both always say the same thing.
@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from settler import texttable
-from settler.amounts import to_decimal_string
-from settler.db import UserBalance
-from settler.registry import INT64_MAX, Asset, Registry
+from settler.core.amounts import to_decimal_string
+from settler.core.registry import INT64_MAX, Asset, Registry
+from settler.store.db import UserBalance
 
 TABLE_HEADER: Final = ("ASSET", "AVAILABLE", "FROZEN", "TOTAL")
 

@@ -18,7 +18,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from settler import kafka
 from settler.config import Settings
-from settler.replay import topic_partitions
+from settler.ops.replay import topic_partitions
 
 FETCH_TIMEOUT_MS = 1000
 IDLE_FETCHES = 10  # empty fetches in a row before a read that has not reached the end stops

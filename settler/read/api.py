@@ -21,11 +21,13 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from settler import __version__, apikeys, cql, logs
-from settler.balances_view import balances_document, view_one, view_rows
+from settler import __version__, logs
 from settler.config import Settings
-from settler.db import SettlementDb
-from settler.registry import Registry, load_registry
+from settler.core.registry import Registry, load_registry
+from settler.read import apikeys
+from settler.read.balances_view import balances_document, view_one, view_rows
+from settler.store import cql
+from settler.store.db import SettlementDb
 
 API_KEY_HEADER: Final = "X-API-Key"
 

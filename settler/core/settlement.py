@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from settler.amounts import INT64_MIN, AmountError, checked_int64, cost
-from settler.events import (
+from settler.core.amounts import INT64_MIN, AmountError, checked_int64, cost
+from settler.core.events import (
     INT64_MAX,
     BalanceEvent,
     Deposit,
@@ -22,7 +22,7 @@ from settler.events import (
     Unfreeze,
     Withdraw,
 )
-from settler.registry import Registry
+from settler.core.registry import Registry
 
 RowKey = tuple[int, int]
 """(user_id, asset_id): one row of user_balances."""

@@ -27,10 +27,10 @@ from enum import StrEnum
 from itertools import islice
 from typing import NamedTuple
 
-from settler.amounts import AmountError
-from settler.events import Event, Reason, Rejected, Trade, digest
-from settler.registry import Registry
-from settler.settlement import Effect, RowKey, effect_of, moved
+from settler.core.amounts import AmountError
+from settler.core.events import Event, Reason, Rejected, Trade, digest
+from settler.core.registry import Registry
+from settler.core.settlement import Effect, RowKey, effect_of, moved
 
 
 class Position(NamedTuple):

@@ -19,8 +19,8 @@ from typing import Any, Final
 from cassandra.cluster import Cluster, Session
 from cassandra.query import PreparedStatement
 
-from settler import cql
 from settler.config import Settings
+from settler.store import cql
 
 RowKey = tuple[int, int]
 """(user_id, asset_id)"""
@@ -105,7 +105,7 @@ def trade_moves(
 ) -> dict[RowKey, tuple[int, int]]:
     """SPEC §3 restated from a stored trade row: (available, frozen) moved per row.
 
-    Deliberately apart from settler.settlement: it uses the cost and fee account stored
+    Deliberately apart from settler.core.settlement: it uses the cost and fee account stored
     with the trade (what was applied), not today's registry, and it is a second reading of
     the rules. A row touched twice (self-trade, fee account = buyer) appears once."""
     moves: list[tuple[RowKey, int, int]] = [

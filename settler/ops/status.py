@@ -29,9 +29,10 @@ from cassandra import InvalidRequest
 from cassandra.cluster import Cluster, Session
 from prometheus_client.parser import text_string_to_metric_families
 
-from settler import cql, kafka, texttable
+from settler import kafka, texttable
 from settler.config import Settings
-from settler.lease import CqlLeaseTable, Holder
+from settler.store import cql
+from settler.store.lease import CqlLeaseTable, Holder
 
 T = TypeVar("T")
 

@@ -20,9 +20,9 @@ from typing import Any, Final
 import acsylla
 from cassandra import InvalidRequest, OperationTimedOut
 
-from settler import cql
 from settler.config import ConnectionSettingError, Settings
-from settler.db import Batch
+from settler.store import cql
+from settler.store.db import Batch
 
 _log = logging.getLogger("acsylla")
 

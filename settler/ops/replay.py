@@ -20,8 +20,9 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import CommitFailedError, IllegalGenerationError, UnknownMemberIdError
 
-from settler import cql, kafka
+from settler import kafka
 from settler.config import Settings
+from settler.store import cql
 
 
 class ReplayError(Exception):
@@ -141,7 +142,7 @@ async def rewind(settings: Settings, *, group: str, start: Start, topics: Sequen
 def remember_committed(settings: Settings, committed: dict[TopicPartition, int]) -> None:
     """Before a rewind, raise the keyspace's record of the highest offsets ever committed
     (table progress, name 'committed') to where the group is now: the worker then marks
-    every dead letter it publishes again below them as a replay (settler.replay)."""
+    every dead letter it publishes again below them as a replay (settler.ops.replay)."""
     if not committed:
         return
     cluster, session = cql.connect(settings, keyspace=settings.keyspace)

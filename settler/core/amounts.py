@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Final
 
-from settler.events import Reason
+from settler.core.events import Reason
 
 INT64_MAX: Final = 2**63 - 1
 INT64_MIN: Final = -(2**63)
