@@ -37,7 +37,7 @@ def test_stack_dir_override(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
     monkeypatch.setenv(devstack.STACK_DIR_ENV, str(tmp_path))
     assert devstack.stack_dir() == tmp_path.resolve()
     monkeypatch.delenv(devstack.STACK_DIR_ENV)
-    assert devstack.stack_dir() == Path(devstack.__file__).resolve().parent.parent / ".stack"
+    assert devstack.stack_dir() == Path(devstack.__file__).resolve().parents[2] / ".stack"
 
 
 def test_unknown_service_is_an_error() -> None:
