@@ -22,7 +22,7 @@ from cassandra import InvalidRequest, OperationTimedOut
 
 from settler.config import ConnectionSettingError, Settings
 from settler.store import cql
-from settler.store.db import Batch
+from settler.store.batches import Batch
 
 _log = logging.getLogger("acsylla")
 

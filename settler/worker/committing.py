@@ -28,6 +28,7 @@ from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from settler import kafka, logs, metrics
 from settler.core.ledger import Ledger, Resolved
 from settler.core.offsets import Offsets
+from settler.store import batches
 from settler.store.db import Progress
 from settler.worker.intake import Item
 from settler.worker.ports import Consumer, Producer, Store
@@ -287,5 +288,5 @@ class Committer:
     async def _write_progress(self, name: str, positions: dict[str, int],
                               epoch: int | None = None) -> None:
         timestamp = await self.tenure.timestamp()
-        batch = self.store.progress_batch(name, positions, timestamp=timestamp, epoch=epoch)
+        batch = batches.progress_batch(name, positions, timestamp=timestamp, epoch=epoch)
         await asyncio.wait_for(self.store.run(batch), PROGRESS_TIMEOUT_S)

@@ -28,7 +28,8 @@ from settler.core.events import Rejected, Trade, kind
 from settler.core.ledger import Group, Ledger, Reject, ReplanInFlight, Skip, Write
 from settler.core.offsets import Offsets
 from settler.core.registry import Registry
-from settler.store.db import (
+from settler.store import batches
+from settler.store.batches import (
     BALANCE_RECORD_BYTES,
     LINEAGE_ENTRY_BYTES,
     ROW_BYTES,
@@ -139,7 +140,7 @@ class Pipeline:
         except BaseException:
             self.slots.release()
             raise
-        claims = self.store.claims_batch(group.writes, self._advance_frontier(group),
+        claims = batches.claims_batch(group.writes, self._advance_frontier(group),
                                          timestamp=timestamp)
         claimed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         after, self._claims_tail = self._claims_tail, claimed
@@ -221,7 +222,7 @@ class Pipeline:
     async def _send_part(self, group: Group, writes: Sequence[Write], timestamp: int, *,
                          whole: bool = False) -> None:
         images = group.images if whole else group.images_for(writes)
-        batch = self.store.settlement_batch(images, writes,
+        batch = batches.settlement_batch(images, writes,
                                             fee_account=self.registry.fee_account,
                                             timestamp=timestamp)
         try:

@@ -7,7 +7,7 @@ code, so every rule of the exactly-once argument runs there as it runs here.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -16,7 +16,7 @@ from aiokafka.abc import ConsumerRebalanceListener
 
 from settler import kafka
 from settler.config import Settings
-from settler.core.ledger import Claim, Resolved, Row, RowImage, Write
+from settler.core.ledger import Claim, Resolved, Row
 from settler.store.db import Progress, SettlementDb
 from settler.store.lease import Clock, CqlLeaseTable, LeaseTable, SystemClock
 
@@ -76,15 +76,6 @@ class Store(Protocol):
     async def claims(self, is_trade: bool, bucket: int, low: int, high: int) -> list[Claim]: ...
 
     async def progress(self) -> Progress: ...
-
-    def claims_batch(self, writes: Sequence[Write], frontier: Mapping[str, int], *,
-                     timestamp: int) -> Any: ...
-
-    def settlement_batch(self, images: Sequence[RowImage], writes: Sequence[Write], *,
-                         fee_account: int, timestamp: int) -> Any: ...
-
-    def progress_batch(self, name: str, positions: Mapping[str, int], *, timestamp: int,
-                       epoch: int | None = None) -> Any: ...
 
     def lease_table(self) -> LeaseTable: ...
 

@@ -1,7 +1,7 @@
 """A simulated Cassandra's cells for the crash simulation: pure Python, no I/O.
 
 Tables are cells with last-write-wins by (write timestamp, value), as Cassandra resolves
-them. Batches built by the REAL `SettlementDb` builders (`settler.store.db.Batch`: statement
+them. Batches built by the REAL builders of settler.store.batches (`Batch`: statement
 names and bound values) are turned back into row mutations using the column lists of
 their own CQL text (settler.store.db._CQL); the REAL reads (`load_user`, `claims`, `progress`)
 run their own SELECT text over the same cells.
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 import settler.store.db
-from settler.store.db import Batch
+from settler.store.batches import Batch
 
 # Primary keys of the tables the worker writes and reads (schema/002_balances.cql,
 # schema/003_events.cql): (partition key columns, clustering columns).

@@ -23,7 +23,8 @@ from typing import Any
 from cassandra import InvalidRequest, OperationTimedOut, Unavailable, WriteTimeout, WriteType
 
 import settler.store.db
-from settler.store.db import Batch, SettlementDb
+from settler.store.batches import Batch
+from settler.store.db import SettlementDb
 from settler.store.lease import Holder
 from tests.unit.sim.world import Process, World
 from tests.unit.simdb import Mutation, SimDb, mutations
