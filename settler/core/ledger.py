@@ -20,83 +20,30 @@ copied once per sealed group.
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from itertools import islice
-from typing import NamedTuple
 
 from settler.core.amounts import AmountError
-from settler.core.events import Event, Reason, Rejected, Trade, digest
+from settler.core.events import Event, Reason, Rejected, digest
+from settler.core.lineage import (
+    Claim,
+    Position,
+    Resolved,
+    Row,
+    RowImage,
+    includes,
+    parse_source,
+    row_keys,
+)
+from settler.core.memory import Memory, Seen, id_of
 from settler.core.registry import Registry
 from settler.core.settlement import Effect, RowKey, effect_of, moved
 
-
-class Position(NamedTuple):
-    """Where a record sits in Kafka."""
-
-    topic: str
-    partition: int
-    offset: int
-
-    @property
-    def stream(self) -> str:
-        """The name of this input partition in progress records ("topic:partition")."""
-        return f"{self.topic}:{self.partition}"
-
-    def __str__(self) -> str:
-        return f"{self.topic}:{self.partition}:{self.offset}"
-
-
-def parse_source(source: str) -> Position:
-    topic, partition, offset = source.rsplit(":", 2)
-    return Position(topic, int(partition), int(offset))
-
-
-@dataclass(slots=True)
-class Row:
-    """One balance row in memory (mutable: planning updates it in place).
-
-    `lineage` maps a writer epoch to the group of that epoch that last wrote the row;
-    only epochs that may still hold an unfinished event are kept (see `Resolved`)."""
-
-    available: int
-    frozen: int
-    version: int
-    updated_at: int
-    lineage: dict[int, int]
-
-    @property
-    def is_negative(self) -> bool:
-        return self.available < 0 or self.frozen < 0
-
-
-class Claim(NamedTuple):
-    """What id_claims says of one id: the position that owns it, its content digest, and
-    the epoch and group that last planned it, with the rows it changed then (a bit per
-    row, in the order of `row_keys`)."""
-
-    event_id: int
-    digest: bytes
-    source: str
-    epoch: int
-    batch: int
-    rows_applied: int
-
-
-@dataclass(frozen=True, slots=True)
-class Resolved:
-    """Durable knowledge that old events are complete: every event whose latest claim is
-    from an epoch below `epoch`, at a position below `offsets` of its partition, is
-    applied to all its rows and recorded. Rows need no lineage for epochs below `epoch`."""
-
-    epoch: int = 0
-    offsets: Mapping[str, int] = field(default_factory=dict)
-
-    def covers(self, claim: Claim, position: Position) -> bool:
-        return claim.epoch < self.epoch and position.offset < self.offsets.get(
-            position.stream, 0)
+__all__ = [  # the Ledger's vocabulary, defined in settler.core.lineage
+    "Claim", "Group", "Ledger", "Outcome", "Plan", "Position", "Reject", "ReplanInFlight",
+    "Resolved", "Row", "RowImage", "Skip", "Write", "parse_source", "row_keys",
+]
 
 
 class ReplanInFlight(AssertionError):
@@ -151,18 +98,6 @@ class Write:
 Plan = Skip | Reject | Write
 
 
-class RowImage(NamedTuple):
-    """A row's values as one sealed group writes them (a copy, safe from later planning)."""
-
-    user_id: int
-    asset_id: int
-    available: int
-    frozen: int
-    version: int
-    updated_at: int
-    lineage: dict[int, int]
-
-
 @dataclass(slots=True)
 class Group:
     """Consecutive planned events that share one write: a row touched by several of them
@@ -185,73 +120,20 @@ class Group:
         return [image for image in self.images if (image.user_id, image.asset_id) in wanted]
 
 
-@dataclass(slots=True)
-class _User:
-    rows: dict[int, Row]
-    pins: int = 0
-
-
-@dataclass(slots=True)
-class _Seen:
-    digest: bytes
-    source: str
-    claim: Claim | None  # the claim as read from the database, None if first seen here
-    planned: bool = False  # planned in this session: memory includes it everywhere
-    pins: int = 0
-    recorded: bool = False  # this session made its record durable
-
-
-def row_keys(effect: Effect) -> list[RowKey]:
-    """The rows an event touches, in the order the bits of `rows_applied` refer to."""
-    return sorted(effect.deltas)
-
-
-class Ledger:
-    """Balance rows and recently settled ids of the single writer, bounded in size."""
+class Ledger(Memory):
+    """The single writer's planning over its bounded memory (settler.core.memory)."""
 
     def __init__(self, registry: Registry, max_rows: int, max_ids: int, *, epoch: int = 1,
                  resolved: Resolved | None = None) -> None:
+        super().__init__(max_rows, max_ids)
         self.registry = registry
-        self.max_rows = max_rows
-        self.max_ids = max_ids
         self.epoch = epoch
         self.resolved = resolved or Resolved()
-        self._users: OrderedDict[int, _User] = OrderedDict()
-        self._rows = 0
-        self._seen: dict[bool, OrderedDict[int, _Seen]] = {True: OrderedDict(),
-                                                           False: OrderedDict()}
         self._next_batch = 1
         self.group = Group(epoch, self._next_batch)
 
-    # -- what planning needs loaded --------------------------------------------------------
-
     def effect(self, event: Event) -> Effect | Rejected:
         return effect_of(event, self.registry)
-
-    def missing_users(self, effects: Iterable[Effect]) -> set[int]:
-        users = self._users
-        return {user for effect in effects for user, _ in effect.deltas if user not in users}
-
-    def add_user(self, user_id: int, rows: dict[int, Row]) -> None:
-        if user_id in self._users:
-            return  # what memory has is newer than the database's copy
-        self._users[user_id] = _User(rows)
-        self._rows += max(1, len(rows))
-
-    def unknown_ids(self, events: Iterable[Event]) -> list[tuple[bool, int]]:
-        seen = self._seen
-        return [
-            (is_trade, event_id)
-            for event in events
-            for is_trade, event_id in [_id_of(event)]
-            if event_id not in seen[is_trade]
-        ]
-
-    def add_claims(self, is_trade: bool, claims: Iterable[Claim]) -> None:
-        seen = self._seen[is_trade]
-        for claim in claims:
-            if claim.event_id not in seen:
-                seen[claim.event_id] = _Seen(claim.digest, claim.source, claim)
 
     def advance_resolved(self, resolved: Resolved) -> None:
         """`resolved` is durable now: later writes drop lineage of older epochs."""
@@ -262,10 +144,10 @@ class Ledger:
     def plan(self, event: Event, effect: Effect | Rejected, position: Position) -> Plan:
         """Decide what `event` at `position` does; a Write is applied to memory and added
         to the open group at once."""
-        is_trade, event_id = _id_of(event)
+        is_trade, event_id = id_of(event)
         fingerprint = digest(event)
         source = str(position)
-        prior = self._seen[is_trade].get(event_id)
+        prior = self.seen[is_trade].get(event_id)
         if prior is not None and prior.source != source:
             if prior.digest == fingerprint:
                 return Skip(Outcome.DUPLICATE)
@@ -292,7 +174,7 @@ class Ledger:
             return Reject(exc.reason, exc.detail)
         group = self.group
         if prior is None:
-            prior = self._seen[is_trade][event_id] = _Seen(fingerprint, source, None)
+            prior = self.seen[is_trade][event_id] = Seen(fingerprint, source, None)
         # This plan decides the claim: this epoch, this group, the rows it changes.
         prior.planned = True
         prior.claim = Claim(event_id, fingerprint, source, self.epoch, group.batch, mask)
@@ -302,18 +184,18 @@ class Ledger:
         group.writes.append(write)
         return write
 
-    def _apply(self, effect: Effect, keys: list[RowKey], prior: _Seen | None
+    def _apply(self, effect: Effect, keys: list[RowKey], prior: Seen | None
                ) -> tuple[list[RowKey], int, list[RowKey]]:
         """Apply the effect to the rows that lack it, in memory: (rows changed, their bits,
         rows left below zero). All or nothing: an overflow on any row leaves every row as
         it was."""
-        group, users, time, deltas = self.group, self._users, effect.time, effect.deltas
+        group, users, time, deltas = self.group, self.users, effect.time, effect.deltas
         todo: list[tuple[RowKey, Row | None, tuple[int, int, int]]] = []
         mask = 0
         for index, key in enumerate(keys):
             user_id, asset_id = key
             row = users[user_id].rows.get(asset_id)
-            if prior is not None and self._includes(prior.claim, row, index):
+            if prior is not None and includes(prior.claim, row, index):
                 continue
             after = moved(0, 0, 0, deltas[key]) if row is None else moved(
                 row.available, row.frozen, row.version, deltas[key])
@@ -342,23 +224,6 @@ class Ledger:
                 negative.append(key)
         return changed, mask, negative
 
-    def _includes(self, claim: Claim | None, row: Row | None, index: int) -> bool:
-        """Does the stored `row` include the event of `claim` (its own position)?
-
-        The claim's epoch planned the event into group `claim.batch` and changed exactly
-        the rows of `rows_applied`; the others included it when that epoch loaded them.
-        A changed row includes it iff that epoch wrote the row in that group or a later
-        one (memory is cumulative). A row that epoch never wrote durably is as it was
-        loaded then: without the event. Later epochs carried the row as loaded."""
-        if claim is None:
-            return False  # no claim: no batch ever carried the event
-        if not claim.rows_applied & (1 << index):
-            return True
-        if row is None:
-            return False
-        batch = row.lineage.get(claim.epoch)
-        return batch is not None and batch >= claim.batch
-
     def seal(self) -> Group:
         """Close the open group: copy each touched row's final value (with this group in
         its lineage) and open the next group."""
@@ -380,47 +245,9 @@ class Ledger:
     def landed(self, group: Group) -> None:
         """The group's batch is durable: its users and ids may be evicted again."""
         for user in group.users:
-            self._users[user].pins -= 1
+            self.users[user].pins -= 1
         for write in group.writes:
-            is_trade, event_id = _id_of(write.event)
-            seen = self._seen[is_trade][event_id]
+            is_trade, event_id = id_of(write.event)
+            seen = self.seen[is_trade][event_id]
             seen.pins -= 1
             seen.recorded = True
-
-    # -- bounds ----------------------------------------------------------------------------
-
-    def trim(self) -> None:
-        """Evict least recently used users and oldest ids beyond the configured bounds,
-        never one with a group still in flight (its state exists nowhere else yet)."""
-        if self._rows > self.max_rows:
-            for user_id in list(islice(self._users, len(self._users) // 4 + 1)):
-                user = self._users[user_id]
-                if user.pins == 0:
-                    del self._users[user_id]
-                    self._rows -= max(1, len(user.rows))
-                    if self._rows <= self.max_rows:
-                        break
-        for seen in self._seen.values():
-            excess = len(seen) - self.max_ids
-            if excess > 0:
-                for event_id in list(islice(seen, excess)):
-                    if seen[event_id].pins == 0:
-                        del seen[event_id]
-
-    @property
-    def cached_rows(self) -> int:
-        return self._rows
-
-    @property
-    def remembered_ids(self) -> int:
-        return sum(len(seen) for seen in self._seen.values())
-
-    def row(self, user_id: int, asset_id: int) -> Row | None:
-        user = self._users.get(user_id)
-        return None if user is None else user.rows.get(asset_id)
-
-
-def _id_of(event: Event) -> tuple[bool, int]:
-    if isinstance(event, Trade):
-        return True, event.trade_id
-    return False, event.event_id

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from settler.core.events import Trade, kind
-from settler.core.ledger import RowImage, Write
+from settler.core.ledger import Write
+from settler.core.lineage import RowImage
 
 ID_BUCKET_BITS: Final = 12
 """Ids are stored in partitions of 4096 consecutive ids (see schema/003_events.cql)."""

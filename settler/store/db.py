@@ -19,7 +19,7 @@ from cassandra.cluster import Cluster, Session
 from cassandra.query import BatchStatement, BatchType, PreparedStatement
 
 from settler.config import Settings
-from settler.core.ledger import Claim, Resolved, Row
+from settler.core.lineage import Claim, Resolved, Row
 from settler.store import cql
 from settler.store.batches import ID_BUCKET_BITS, PROGRESS_SCOPE, Batch
 

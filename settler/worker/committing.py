@@ -26,7 +26,8 @@ from aiokafka.errors import (
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from settler import kafka, logs, metrics
-from settler.core.ledger import Ledger, Resolved
+from settler.core.ledger import Ledger
+from settler.core.lineage import Resolved
 from settler.core.offsets import Offsets
 from settler.store import batches
 from settler.store.db import Progress

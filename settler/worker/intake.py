@@ -18,7 +18,8 @@ from aiokafka.errors import KafkaError
 
 from settler import logs, metrics
 from settler.core.events import Event, Rejected, decode
-from settler.core.ledger import Ledger, Position
+from settler.core.ledger import Ledger
+from settler.core.lineage import Position
 from settler.core.offsets import Offsets
 from settler.core.settlement import Effect
 from settler.store.db import id_bucket

@@ -16,7 +16,7 @@ from aiokafka.abc import ConsumerRebalanceListener
 
 from settler import kafka
 from settler.config import Settings
-from settler.core.ledger import Claim, Resolved, Row
+from settler.core.lineage import Claim, Resolved, Row
 from settler.store.db import Progress, SettlementDb
 from settler.store.lease import Clock, CqlLeaseTable, LeaseTable, SystemClock
 
