@@ -27,12 +27,11 @@ from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from settler import kafka, logs, metrics
 from settler.core.ledger import Ledger
-from settler.core.lineage import Resolved
 from settler.core.offsets import Offsets
-from settler.store import batches
 from settler.store.db import Progress
 from settler.worker.intake import Item
 from settler.worker.ports import Consumer, Producer, Store
+from settler.worker.progress import ProgressRecorder
 from settler.worker.tenure import Tenure
 
 log = logs.get("settler.worker")
@@ -40,7 +39,6 @@ log = logs.get("settler.worker")
 REPLAY_HEADER: Final = "settler.ops.replay"
 OMITTED_HEADER: Final = "settler.value-omitted"
 REQUEST_OVERHEAD_BYTES: Final = 512  # request and batch headers around one record
-PROGRESS_TIMEOUT_S: Final = 5.0
 
 
 class ProducerBroken(Exception):
@@ -85,17 +83,11 @@ class Committer:
         self._lock = asyncio.Lock()
         self._txn: asyncio.Future[None] | None = None
         self._txn_content: tuple[dict[TopicPartition, int], list[Letter]] = ({}, [])
-        # Progress: below `replayed_below` a partition was committed once already; the
-        # frontier at the start of the session must be committed past before older
-        # epochs' lineage can be dropped (`Resolved`).
+        # Below these offsets a partition was committed once already: a dead letter
+        # published again there comes from a replay.
         self.replayed_below = dict(progress.committed)
-        self.committed_high = dict(progress.committed)
-        # Only partitions of the topics this worker reads can be committed past (a topic
-        # dropped from SETTLER_TOPICS would otherwise keep older epochs unresolved).
-        self.frontier_at_start = {stream: offset for stream, offset in progress.frontier.items()
-                                  if stream.rsplit(":", 1)[0] in topics}
-        self.frontier = frontier  # shared with the pipeline: what this session planned
-        self.committed: dict[str, int] = {}
+        self.progress = ProgressRecorder(store=store, tenure=tenure, ledger=ledger,
+                                         progress=progress, frontier=frontier, topics=topics)
 
     # -- dead letters ------------------------------------------------------------------------
 
@@ -141,12 +133,6 @@ class Committer:
         """A commit transaction is still running (not concluded by `commit`)."""
         return self._txn is not None
 
-    def seed_committed(self, committed: dict[str, int]) -> None:
-        """The group's committed offsets when partitions were assigned."""
-        for stream, offset in committed.items():
-            if offset > self.committed.get(stream, -1):
-                self.committed[stream] = offset
-
     # -- the transaction ---------------------------------------------------------------------
 
     async def commit(self, timeout: float) -> bool:
@@ -170,7 +156,7 @@ class Committer:
             self._txn_content = (positions, letters)
             if not await self._conclude(timeout):
                 return False
-        await self._record_progress()
+        await self.progress.record()
         return True
 
     async def _conclude(self, timeout: float) -> bool:
@@ -239,55 +225,10 @@ class Committer:
             log.warning("event dead-lettered", reason=letter.reason, detail=letter.detail,
                         topic=letter.tp.topic, partition=letter.tp.partition,
                         offset=letter.offset)
+        self.progress.committed_at(positions)
         for tp, position in positions.items():
-            self.committed[f"{tp.topic}:{tp.partition}"] = position
             metrics.COMMITTED.labels(tp.topic, tp.partition).set(position)
             highwater = getattr(self.consumer, "highwater", None)
             end = highwater(tp) if highwater is not None else None
             if end is not None:
                 metrics.LAG.labels(tp.topic, tp.partition).set(max(0, end - position))
-
-    # -- progress records --------------------------------------------------------------------
-
-    async def _record_progress(self) -> None:
-        """The highest offsets ever committed (to tell a replay later), and `Resolved` once
-        every offset planned before this session is committed past."""
-        higher = {stream: position for stream, position in self.committed.items()
-                  if position > self.committed_high.get(stream, -1)}
-        epoch = self.tenure.epoch
-        resolve = self.ledger.resolved.epoch < epoch and all(
-            self.committed.get(stream, -1) > offset
-            for stream, offset in self.frontier_at_start.items())
-        if not higher and not resolve:
-            return
-        try:
-            if higher:
-                await self._write_progress("committed", higher)
-                self.committed_high.update(higher)
-            if resolve:
-                await self.resolve(Resolved(epoch, dict(self.committed)))
-        except Exception as exc:  # noqa: BLE001 - progress records are retried next commit
-            log.warning("progress record not written, will retry", error=repr(exc))
-
-    async def resolve(self, resolved: Resolved) -> None:
-        """Make `resolved` durable, then let planning drop lineage of older epochs."""
-        await self._write_progress("resolved", dict(resolved.offsets), epoch=resolved.epoch)
-        self.ledger.advance_resolved(resolved)
-        log.info("events of earlier writer sessions complete", resolved_epoch=resolved.epoch)
-
-    async def resolve_at_clean_end(self) -> None:
-        """Everything this session planned is committed: the next epoch needs no lineage of
-        this one or older."""
-        if all(self.committed.get(stream, -1) > offset
-               for stream, offset in {**self.frontier_at_start, **self.frontier}.items()):
-            try:
-                await self.resolve(Resolved(self.tenure.epoch + 1, dict(self.committed)))
-            except Exception as exc:  # noqa: BLE001 - the next session resolves it instead
-                log.warning("could not record that this session's events are complete",
-                            error=repr(exc))
-
-    async def _write_progress(self, name: str, positions: dict[str, int],
-                              epoch: int | None = None) -> None:
-        timestamp = await self.tenure.timestamp()
-        batch = batches.progress_batch(name, positions, timestamp=timestamp, epoch=epoch)
-        await asyncio.wait_for(self.store.run(batch), PROGRESS_TIMEOUT_S)

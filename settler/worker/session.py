@@ -203,7 +203,7 @@ class WriterSession(ConsumerRebalanceListener):  # type: ignore[misc]
             await self._commit_quietly(CLOSE_TIMEOUT_S)
             if self.clean:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.committer.resolve_at_clean_end(),
+                    await asyncio.wait_for(self.committer.progress.resolve_at_clean_end(),
                                            RESOLVE_TIMEOUT_S)
         elif end is SessionEnd.FATAL:
             log.error("stopping on a non-retryable error; nothing more is committed",
@@ -292,7 +292,7 @@ class WriterSession(ConsumerRebalanceListener):  # type: ignore[misc]
                 continue
             if offset is not None and offset >= 0:
                 committed[f"{tp.topic}:{tp.partition}"] = offset
-        self.committer.seed_committed(committed)
+        self.committer.progress.seed_committed(committed)
 
     # -- helpers ---------------------------------------------------------------------------
 

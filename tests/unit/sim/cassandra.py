@@ -54,6 +54,15 @@ class Faults:
     fail_threshold_bytes: int = 50 * 1024
 
 
+@dataclass(eq=False)
+class _Applying:
+    """A multi-partition write being applied: the shares still to apply."""
+
+    parts: list[list[Mutation]]
+    logged: bool
+    on_done: Callable[[], None] = lambda: None
+
+
 @dataclass
 class _Request:
     process: Process
@@ -77,7 +86,7 @@ class SimCassandra:
     _held: list[_Request] = field(default_factory=list)  # arrived while frozen
     _cut_held: dict[str, list[Callable[[], None]]] = field(
         default_factory=lambda: defaultdict(list))
-    _applying: list[tuple[list[list[Mutation]], bool]] = field(default_factory=list)
+    _applying: list[_Applying] = field(default_factory=list)
     batchlog_replays: int = 0
     late_cells_lost: int = 0
 
@@ -115,6 +124,11 @@ class SimCassandra:
             result, error = request.work(), None
         except Exception as exc:  # noqa: BLE001 - the node answers with the error
             result, error = None, exc
+        if isinstance(result, _Applying):
+            # A write is acknowledged once every share of it is applied; a coordinator
+            # crash before that leaves the client without an answer (it times out).
+            result.on_done = lambda: self._answer(request, None, None)
+            return
         self._answer(request, result, error)
 
     def _answer(self, request: _Request, result: Any, error: BaseException | None) -> None:
@@ -152,12 +166,12 @@ class SimCassandra:
         """Batches being applied are cut: the rest of a LOGGED one comes back from the
         batchlog later (after 2 x write_request_timeout, checked every 10 s), the rest of
         an UNLOGGED one never."""
-        for parts, logged in self._applying:
-            if logged and parts:
-                rest = list(parts)
+        for pending in self._applying:
+            if pending.logged and pending.parts:
+                rest = list(pending.parts)
                 replay_at = self.rng.uniform(4.0, 14.0)
                 self.world.after(replay_at, lambda rest=rest: self._replay(rest))
-            parts.clear()
+            pending.parts.clear()  # never acknowledged
         self._applying.clear()
         self.down = True
         self.world.after(restart_after, self._restart)
@@ -172,7 +186,7 @@ class SimCassandra:
 
     # -- what the node does ----------------------------------------------------------------
 
-    def write(self, batch: Batch) -> None:
+    def write(self, batch: Batch) -> _Applying | None:
         """Apply a batch: each partition's share isolated, shares at slightly different
         moments (a multi-partition batch is atomic if LOGGED, never isolated)."""
         logged = batch.logged
@@ -197,21 +211,23 @@ class SimCassandra:
         self.rng.shuffle(shares)
         first, rest = shares[0], shares[1:]
         self.late_cells_lost += self.db.apply(first)
-        if rest:
-            # The other shares land a moment later; a coordinator crash meanwhile cuts them.
-            pending = (rest, logged)
-            self._applying.append(pending)
-            for share in list(rest):
-                self.world.after(self.rng.uniform(0, 0.002),
-                                 lambda share=share, pending=pending: self._share(pending, share))
+        if not rest:
+            return None
+        # The other shares land a moment later; a coordinator crash meanwhile cuts them.
+        pending = _Applying(rest, logged)
+        self._applying.append(pending)
+        for share in list(rest):
+            self.world.after(self.rng.uniform(0, 0.002),
+                             lambda share=share, pending=pending: self._share(pending, share))
+        return pending
 
-    def _share(self, pending: tuple[list[list[Mutation]], bool], share: list[Mutation]) -> None:
-        parts, _ = pending
-        if share in parts:
-            parts.remove(share)
+    def _share(self, pending: _Applying, share: list[Mutation]) -> None:
+        if share in pending.parts:
+            pending.parts.remove(share)
             self.late_cells_lost += self.db.apply(share)
-        if not parts and pending in self._applying:
+        if not pending.parts and pending in self._applying:
             self._applying.remove(pending)
+            pending.on_done()
 
     def _apply_later(self, batch: Batch, logged: bool) -> None:
         late = mutations(batch)
