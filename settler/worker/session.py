@@ -33,7 +33,8 @@ from settler.core.registry import Registry
 from settler.store.db import Progress
 from settler.worker.committing import Committer, DeadLetterRefused, ProducerBroken
 from settler.worker.intake import Intake
-from settler.worker.pipeline import Fatal, Pipeline
+from settler.worker.landing import Fatal
+from settler.worker.pipeline import Pipeline
 from settler.worker.ports import Clients, Consumer, Producer, Store
 from settler.worker.retry import Backoff, Retrier, Stopping
 from settler.worker.tenure import Lapsed, Tenure
