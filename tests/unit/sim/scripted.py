@@ -18,6 +18,7 @@ from functools import partial
 from typing import Any
 from unittest import mock
 
+from aiokafka.errors import MessageSizeTooLargeError
 from cassandra import WriteTimeout, WriteType
 from cassandra.query import BatchType
 
@@ -66,6 +67,11 @@ class ScriptedSimulation(Simulation):
     # abort_transaction await shielded futures). SimProducer's give up after 15 s (5 s for
     # an abort); True makes them wait as aiokafka's do.
     patient_transactions: bool = False
+    # The dead-letter topic's max.message.bytes: a record above it is refused by the broker
+    # (MESSAGE_TOO_LARGE, not retriable). aiokafka fails that record's send future and
+    # still commits the transaction (flush_for_commit waits for the batch, ignores its
+    # error). SimProducer accepts every record; a limit here refuses as the broker would.
+    dlq_max_message_bytes: int | None = None
 
     def schedule_faults(self) -> None:
         super().schedule_faults()
@@ -155,12 +161,32 @@ def _hooked_producer(simulation: ScriptedSimulation) -> type[SimProducer]:
             if simulation.patient_transactions:
                 self.kafka = _Patient(kafka)  # type: ignore[assignment]
 
+        async def send(self, topic: str, value: bytes | None = None, key: bytes | None = None,
+                       partition: int | None = None, timestamp_ms: int | None = None,
+                       headers: Any = None) -> asyncio.Future[None]:
+            limit = simulation.dlq_max_message_bytes
+            if limit is not None and record_bytes(key, value, headers) > limit:
+                refused: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                refused.set_exception(MessageSizeTooLargeError(
+                    f"the broker refused a {record_bytes(key, value, headers)} byte record"))
+                simulation.note(f"the broker refuses a dead letter of "
+                                f"{record_bytes(key, value, headers)} bytes")
+                return refused
+            return await super().send(topic, value, key, partition, timestamp_ms, headers)
+
         async def send_offsets_to_transaction(self, offsets: Any, group_id: str) -> None:
             for hook in simulation.on_offsets:
                 hook(simulation, self)
             await super().send_offsets_to_transaction(offsets, group_id)
 
     return HookedProducer
+
+
+def record_bytes(key: bytes | None, value: bytes | None, headers: Any) -> int:
+    """A record's size as the broker counts it against max.message.bytes (a record batch
+    of one: about 70 bytes of batch and record framing)."""
+    return 70 + len(key or b"") + len(value or b"") + sum(
+        len(name) + len(data) for name, data in headers or ())
 
 
 class _Patient:
