@@ -16,6 +16,7 @@ Either way a read_committed reader sees those dead letters twice.
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
 import pytest
@@ -24,6 +25,15 @@ from settler.sample import SampleRecord
 from tests.unit.sim.kafka import SimProducer
 from tests.unit.sim.run import Scenario
 from tests.unit.sim.scripted import ScriptedSimulation
+
+
+@pytest.fixture(autouse=True)
+def _earlier_simulations_collected() -> None:
+    """Coroutines of simulated processes killed by earlier tests are finalized now, not
+    while pytest parses source to report a failure (CPython 3.11 then raises SystemError:
+    AST constructor recursion depth mismatch, an INTERNALERROR)."""
+    gc.collect()
+
 
 
 def _history(seed: int, thaw_after_s: float, patient: bool) -> tuple[ScriptedSimulation,

@@ -18,12 +18,24 @@ it after roughly 500 sessions (about 24 bytes a lineage entry); here the thresho
 
 from __future__ import annotations
 
+import gc
+
+import pytest
 from aiokafka import TopicPartition
 
 from tests.unit.sim.kafka import SimRecord
 from tests.unit.sim.run import TOPIC, Scenario
 from tests.unit.sim.scripted import ScriptedSimulation, restart_when_exited, stop
 from tests.unit.simdb import SimDb
+
+
+@pytest.fixture(autouse=True)
+def _earlier_simulations_collected() -> None:
+    """Coroutines of simulated processes killed by earlier tests are finalized now, not
+    while pytest parses source to report a failure (CPython 3.11 then raises SystemError:
+    AST constructor recursion depth mismatch, an INTERNALERROR)."""
+    gc.collect()
+
 
 
 class OneQuietPartition(ScriptedSimulation):

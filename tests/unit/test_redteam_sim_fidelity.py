@@ -14,6 +14,7 @@ right, `check_records` fails).
 from __future__ import annotations
 
 import asyncio
+import gc
 import random
 from unittest import mock
 
@@ -28,6 +29,15 @@ from tests.unit.sim.faithful import FaithfulCassandra
 from tests.unit.sim.run import Scenario, Simulation, run_scenario
 from tests.unit.sim.world import World
 from tests.unit.simdb import RecordedBatch
+
+
+@pytest.fixture(autouse=True)
+def _earlier_simulations_collected() -> None:
+    """Coroutines of simulated processes killed by earlier tests are finalized now, not
+    while pytest parses source to report a failure (CPython 3.11 then raises SystemError:
+    AST constructor recursion depth mismatch, an INTERNALERROR)."""
+    gc.collect()
+
 
 
 def _claims_in_two_partitions() -> RecordedBatch:

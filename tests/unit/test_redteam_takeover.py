@@ -19,6 +19,7 @@ applies E again.
 from __future__ import annotations
 
 import asyncio
+import gc
 from typing import Any
 from unittest import mock
 
@@ -36,6 +37,15 @@ from tests.unit.sim.scripted import (
 )
 
 REPLAY_AFTER_S = 8.0  # Cassandra: 4 to 14 s after the timeout (2 x write timeout, 10 s scan)
+
+
+@pytest.fixture(autouse=True)
+def _earlier_simulations_collected() -> None:
+    """Coroutines of simulated processes killed by earlier tests are finalized now, not
+    while pytest parses source to report a failure (CPython 3.11 then raises SystemError:
+    AST constructor recursion depth mismatch, an INTERNALERROR)."""
+    gc.collect()
+
 
 
 def _history(seed: int) -> tuple[ScriptedSimulation, dict[str, Any]]:

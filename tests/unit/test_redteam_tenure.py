@@ -12,9 +12,11 @@ rebalance re-reads one of its events and stops the worker (ReplanInFlight, exit 
 from __future__ import annotations
 
 import asyncio
+import gc
 import random
 from typing import Any
 
+import pytest
 from cassandra import WriteTimeout, WriteType
 
 from settler.lease import VALID_SHARE, WriterLease
@@ -27,6 +29,15 @@ from tests.unit.test_lease import Row
 TTL_S = 10.0
 GAP_S = 0.002  # the renewal leaves this long before validity ends ...
 LATE_S = 0.002  # ... and its answer arrives this long after
+
+
+@pytest.fixture(autouse=True)
+def _earlier_simulations_collected() -> None:
+    """Coroutines of simulated processes killed by earlier tests are finalized now, not
+    while pytest parses source to report a failure (CPython 3.11 then raises SystemError:
+    AST constructor recursion depth mismatch, an INTERNALERROR)."""
+    gc.collect()
+
 
 
 class LateRenewals(Row):
