@@ -22,6 +22,7 @@ from aiokafka.errors import (
     MessageSizeTooLargeError,
     ProducerFenced,
     RecordTooLargeError,
+    TopicAuthorizationFailedError,
 )
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
@@ -46,8 +47,8 @@ class ProducerBroken(Exception):
 
 
 class DeadLetterRefused(Exception):
-    """The dead-letter topic refuses records for a reason no retry fixes (not their size):
-    nothing more can be committed past an invalid record. The worker exits 1."""
+    """The dead-letter topic refuses this worker's records (not authorized): nothing more
+    can be committed past an invalid record, and no retry fixes it. The worker exits 1."""
 
 
 @dataclass(slots=True)
@@ -67,7 +68,7 @@ class Committer:
                  offsets: Offsets[TopicPartition], tenure: Tenure, store: Store,
                  ledger: Ledger, progress: Progress, frontier: dict[str, int],
                  topics: tuple[str, ...], dlq_topic: str, group_id: str,
-                 max_request_bytes: int,
+                 max_request_bytes: int, refused_values: set[tuple[str, int, int]],
                  report: Callable[[str, bool], None]) -> None:
         self.producer = producer
         self.report = report  # readiness follows the outcome of each commit
@@ -79,6 +80,10 @@ class Committer:
         self.dlq_topic = dlq_topic
         self.group_id = group_id
         self.max_request_bytes = max_request_bytes
+        # Dead letters whose value the broker refused (the topic's own size limit), by
+        # source position: for the worker's lifetime, since a refusal breaks the producer
+        # and the next session reads those records again.
+        self.refused_values = refused_values
         self.letters: list[Letter] = []
         self._lock = asyncio.Lock()
         self._txn: asyncio.Future[None] | None = None
@@ -108,6 +113,9 @@ class Committer:
     def _fit(self, letter: Letter) -> None:
         """A letter above the producer's request limit can never be sent: publish it without
         its value (key, headers and the source position stay) and say so."""
+        if (letter.tp.topic, letter.tp.partition, letter.offset) in self.refused_values:
+            self._omit_value(letter, "the broker refused it before")
+            return
         size = DefaultRecordBatchBuilder.estimate_size_in_bytes(
             letter.key, letter.value, letter.headers) + REQUEST_OVERHEAD_BYTES
         if size > self.max_request_bytes:
@@ -180,6 +188,11 @@ class Committer:
             self.report("kafka_commit", False)
             log.warning("offset commit failed, will retry", error=repr(error))
             await self._abort()
+            if not getattr(error, "retriable", True):
+                # A failed record leaves aiokafka's transactional producer out of sequence
+                # (the next transaction fails OutOfOrderSequenceNumber): a new session
+                # starts with a new one.
+                raise ProducerBroken(f"the transactional producer failed: {error!r}")
             return False
         self.report("kafka_commit", True)
         sent = {id(letter) for letter in letters}
@@ -202,10 +215,12 @@ class Committer:
                    if isinstance(result, BaseException)]
         for letter, error in refused:
             if isinstance(error, MessageSizeTooLargeError | RecordTooLargeError):
+                self.refused_values.add((letter.tp.topic, letter.tp.partition, letter.offset))
                 self._omit_value(letter, f"the broker refused it: {error}")
-            elif not getattr(error, "retriable", False):
+            elif isinstance(error, TopicAuthorizationFailedError):
                 raise DeadLetterRefused(
-                    f"the dead-letter topic {self.dlq_topic!r} refuses records: {error!r}")
+                    f"the dead-letter topic {self.dlq_topic!r} refuses this worker's records "
+                    f"(not authorized: {error!r})")
         if refused:
             raise refused[0][1]  # aborted; sent again (without oversize values) next time
         await producer.send_offsets_to_transaction(positions, self.group_id)

@@ -42,6 +42,7 @@ class Worker:
         self.clients = clients or production_clients(settings)
         self.health = metrics.Health()
         self.stopping = asyncio.Event()
+        self.refused_values: set[tuple[str, int, int]] = set()  # see Committer
         self.retrier = Retrier(Backoff(settings.retry_initial_ms / 1000,
                                        settings.retry_max_ms / 1000),
                                ending=self.stopping.is_set, wake=self.stopping,
@@ -164,7 +165,8 @@ class Worker:
             session = WriterSession(
                 settings=self.settings, registry=self.registry, clients=self.clients,
                 store=store, tenure=tenure, progress=progress, health=self.health,
-                stopping=self.stopping, batch_max_bytes=batch_max_bytes)
+                stopping=self.stopping, batch_max_bytes=batch_max_bytes,
+                refused_values=self.refused_values)
             try:
                 end = await session.run()
             except ConnectionSettingError as exc:
@@ -179,6 +181,8 @@ class Worker:
                 await tenure.end(release=end is SessionEnd.STOPPED and session.clean,
                                  timeout_s=CLOSE_TIMEOUT_S)
                 return end
+            # Abandoned work may still land (the batchlog): the next session waits it out.
+            wait = 0 if session.clean else takeover_wait
             try:
                 await tenure.rotate()
             except Lapsed:
@@ -189,7 +193,6 @@ class Worker:
                     raise
                 await tenure.end(release=False, timeout_s=CLOSE_TIMEOUT_S)
                 return SessionEnd.LAPSED
-            wait = takeover_wait
 
     async def _check_kafka(self) -> None:
         """A refused Kafka login must end a standby too, not only the writer that would meet

@@ -69,7 +69,8 @@ class SessionEnd(StrEnum):
 class WriterSession(ConsumerRebalanceListener):  # type: ignore[misc]
     def __init__(self, *, settings: Settings, registry: Registry, clients: Clients,
                  store: Store, tenure: Tenure, progress: Progress, health: metrics.Health,
-                 stopping: asyncio.Event, batch_max_bytes: int) -> None:
+                 stopping: asyncio.Event, batch_max_bytes: int,
+                 refused_values: set[tuple[str, int, int]] | None = None) -> None:
         self.settings = settings
         self.tenure = tenure
         self.health = health
@@ -97,6 +98,7 @@ class WriterSession(ConsumerRebalanceListener):  # type: ignore[misc]
             frontier=frontier, topics=settings.topics, dlq_topic=settings.dlq_topic,
             group_id=settings.group_id,
             max_request_bytes=settings.kafka_max_request_bytes,
+            refused_values=set() if refused_values is None else refused_values,
             report=lambda kind, ok: self.retrier.report(kind, ok=ok),
         )
         self.pipeline = Pipeline(
@@ -196,11 +198,13 @@ class WriterSession(ConsumerRebalanceListener):  # type: ignore[misc]
         return self.revoking or self.ended.is_set()
 
     async def _finish(self, end: SessionEnd) -> None:
-        if end is SessionEnd.STOPPED:
-            # Clean: no group of this session can land later (the lease may be released
-            # and the next writer need not wait).
-            drained = await self.pipeline.drain(DRAIN_TIMEOUT_S)
+        if end in (SessionEnd.STOPPED, SessionEnd.ABANDONED):
+            # Clean: no group of this session can land later (the lease may be released,
+            # or a new session start, without waiting out the takeover wait).
+            drained = await self.pipeline.drain(
+                DRAIN_TIMEOUT_S if end is SessionEnd.STOPPED else REVOKE_DRAIN_S)
             self.clean = drained and not self.pipeline.abandoned
+        if end is SessionEnd.STOPPED:
             await self._commit_quietly(CLOSE_TIMEOUT_S)
             if self.clean:
                 with contextlib.suppress(TimeoutError):

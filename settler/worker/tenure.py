@@ -110,6 +110,8 @@ class Tenure:
             renew_at = clock.monotonic() + lease.ttl_s / 3
 
     def _lapse(self, why: str) -> None:
+        if self.lapsed.is_set():
+            return
         metrics.LEASE_VALID.set(0)
         metrics.LEASE_LAPSES.inc()
         log.error("writer lease lapsed: abandoning in-flight work, back to standby", why=why,
@@ -119,7 +121,14 @@ class Tenure:
 
     @property
     def valid(self) -> bool:
-        return self.lease.valid and not self.lapsed.is_set()
+        if self.lapsed.is_set():
+            return False
+        if not self.lease.valid:
+            # Whoever sees validity gone ends the tenure at once, not at the keeper's next
+            # wake-up: a group dropped for it must never go unnoticed by the session.
+            self._lapse("the lease was not renewed in time")
+            return False
+        return True
 
     @property
     def epoch(self) -> int:

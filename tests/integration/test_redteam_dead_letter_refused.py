@@ -19,8 +19,8 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
-from settler.registry import Registry
-from settler.sample import SampleRecord, StreamShape, generate
+from settler.core.registry import Registry
+from settler.ops.sample import SampleRecord, StreamShape, generate
 from tests import harness
 
 pytestmark = pytest.mark.integration

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from settler.sample import SampleRecord
+from settler.ops.sample import SampleRecord
 from tests.unit.sim.kafka import SimProducer
 from tests.unit.sim.run import Scenario
 from tests.unit.sim.scripted import ScriptedSimulation

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from cassandra import WriteTimeout, WriteType
 
-from settler.lease import VALID_SHARE, WriterLease
+from settler.store.lease import VALID_SHARE, WriterLease
 from settler.worker.tenure import RENEW_RETRY_S, Tenure
 from tests.unit.sim.run import Scenario, SimClock
 from tests.unit.sim.scripted import Renewal, ScriptedSimulation, Takeover, logged, record_ids

@@ -24,6 +24,7 @@ examples per test (the nightly run: 2000).
 
 from __future__ import annotations
 
+import gc
 import os
 import random
 from collections.abc import Callable
@@ -39,6 +40,14 @@ SEED = os.environ.get("SETTLER_SIM_SEED")
 
 # A nightly run of thousands of examples takes longer than the suite's per-test timeout.
 pytestmark = pytest.mark.timeout(max(600, 10 * EXAMPLES))
+
+
+@pytest.fixture(autouse=True)
+def _earlier_simulations_collected() -> None:
+    """Coroutines of simulated processes killed by earlier examples are finalized now, not
+    while pytest parses source to report a failure (CPython 3.11 may then raise
+    "AST constructor recursion depth mismatch", an INTERNALERROR)."""
+    gc.collect()
 
 
 def seeds(default: int) -> list[int]:
@@ -124,14 +133,22 @@ def test_the_writer_session_is_abandoned_when_a_revoke_cannot_drain() -> None:
 
 
 def test_batches_the_database_finds_too_large_are_split() -> None:
-    """A small batch_size_fail_threshold: groups are bounded by estimated bytes, and a
-    batch still too large is split in two until it fits."""
+    """A small batch_size_fail_threshold, and a batch bound above it (as if the worker had
+    been told a larger limit than the node enforces): batches the node rejects as too
+    large are split in two until they fit, with crashes and coordinator failures."""
     splits = metrics.BATCH_SPLITS
     before = splits._value.get()
     run_all(lambda seed: shape(seed, faults=("kill", "db_crash"), fault_count=2,
                                fail_threshold_bytes=random.Random(seed).choice([900, 1500]),
-                               batch_events=32), 10)
+                               batch_max_bytes=20_000, batch_events=32), 10)
     assert splits._value.get() > before, "no batch was ever too large"
+
+
+def test_groups_stay_under_the_bound_derived_from_the_node() -> None:
+    """The same small threshold with the derived bound: groups close by estimated bytes."""
+    run_all(lambda seed: shape(seed, faults=("kill",), fault_count=1,
+                               fail_threshold_bytes=random.Random(seed).choice([900, 1500]),
+                               batch_events=32), 6)
 
 
 def test_replay_from_offset_zero_changes_no_balance() -> None:

@@ -230,10 +230,13 @@ class SimCassandra:
             pending.on_done()
 
     def _apply_later(self, batch: Batch, logged: bool) -> None:
+        """A write that timed out after the coordinator took it lands later anyway: a
+        LOGGED batch by the batchlog replay (after 2 x write_request_timeout, scanned
+        every 10 s: 4-14 s), an UNLOGGED one as replicas catch up (hints: 0-3 s)."""
         late = mutations(batch)
-        self.world.after(self.rng.uniform(0.0, 3.0),
-                         lambda: setattr(self, "late_cells_lost",
-                                         self.late_cells_lost + self.db.apply(late)))
+        delay = self.rng.uniform(4.0, 14.0) if logged else self.rng.uniform(0.0, 3.0)
+        self.world.after(delay, lambda: setattr(self, "late_cells_lost",
+                                                self.late_cells_lost + self.db.apply(late)))
 
     def lwt(self, operation: Callable[[], Any]) -> Any:
         if self.lease_errors and self.rng.random() < 0.9:

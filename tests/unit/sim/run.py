@@ -67,6 +67,7 @@ class Scenario:
     max_ids: int = 30
     batch_events: int = 32
     fail_threshold_bytes: int = 50 * 1024
+    batch_max_bytes: int | None = None  # None: auto (80% of the node's fail threshold)
     request_error: float = 0.0
     clock_skew_s: float = 0.0  # the second worker's wall clock is this far ahead
     replay: bool = False  # after catching up, rewind the group to 0 and settle again
@@ -141,6 +142,7 @@ class Simulation:
             "SETTLER_BALANCE_CACHE_ROWS": str(scenario.max_rows),
             "SETTLER_RECENT_IDS": str(scenario.max_ids),
             "SETTLER_BATCH_EVENTS": str(scenario.batch_events),
+            "SETTLER_BATCH_MAX_BYTES": str(scenario.batch_max_bytes or "auto"),
         })
         shape = StreamShape(events=scenario.events, users=scenario.users, zipf=scenario.zipf,
                             duplicate_rate=scenario.duplicate_rate,

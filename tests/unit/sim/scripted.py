@@ -20,13 +20,13 @@ from unittest import mock
 
 from aiokafka.errors import MessageSizeTooLargeError
 from cassandra import WriteTimeout, WriteType
-from cassandra.query import BatchType
 
 import tests.unit.sim.run as sim_run
+from settler.store.batches import Batch
 from tests.unit.sim.cassandra import SimLeaseTable, SimStore
 from tests.unit.sim.kafka import SimKafka, SimProducer
 from tests.unit.sim.run import Simulation
-from tests.unit.simdb import RecordedBatch
+from tests.unit.simdb import mutations
 
 # What a hook returns for a statement: None lets it go to the node as usual; else a
 # coroutine awaited instead (see `ScriptedSimulation.at_node` and `answered_at`).
@@ -38,16 +38,16 @@ Renewal = tuple[bool, float] | None
 
 
 def logged(statement: Any) -> bool:
-    return isinstance(statement, RecordedBatch) and statement.batch_type is BatchType.LOGGED
+    return isinstance(statement, Batch) and statement.logged
 
 
-def record_ids(batch: RecordedBatch) -> set[tuple[str, int]]:
+def record_ids(batch: Batch) -> set[tuple[str, int]]:
     """The (statement, id) of each event record a settlement batch carries."""
     return {(name, parameters[1]) for name, parameters in batch.statements
             if name in ("write_trade", "write_balance_event")}
 
 
-def row_keys_of(batch: RecordedBatch) -> set[tuple[int, int]]:
+def row_keys_of(batch: Batch) -> set[tuple[int, int]]:
     return {(parameters[0], parameters[1]) for name, parameters in batch.statements
             if name == "write_balance"}
 
@@ -92,7 +92,7 @@ class ScriptedSimulation(Simulation):
 
         self.world.after(delay, act)
 
-    async def batchlog(self, store: SimStore, batch: RecordedBatch, after_s: float) -> Any:
+    async def batchlog(self, store: SimStore, batch: Batch, after_s: float) -> Any:
         """A LOGGED batch whose coordinator wrote the batchlog and then timed out waiting
         for replicas: the client gets WriteTimeout(BATCH), the batch is applied later by
         the batchlog replay (Cassandra replays entries older than 2 x
@@ -100,20 +100,20 @@ class ScriptedSimulation(Simulation):
         node = self.node
 
         def work() -> Any:
-            mutations = batch.mutations()
+            late = mutations(batch)
 
             def replay() -> None:
-                node.db.apply(mutations)
+                node.db.apply(late)
 
             self.later(after_s, "batchlog replayed", replay)
             raise WriteTimeout("timed out waiting for replicas", write_type=WriteType.BATCH)
 
         return await store.request(work)
 
-    async def answered_at(self, batch: RecordedBatch, when: float) -> Any:
+    async def answered_at(self, batch: Batch, when: float) -> Any:
         """The batch is applied at once; its acknowledgement reaches the worker at `when`
         (a slow answer, as from a node in trouble)."""
-        self.node.db.apply(batch.mutations())
+        self.node.db.apply(mutations(batch))
         await asyncio.sleep(max(0.0, when - self.world.now))
 
     def run(self) -> None:
