@@ -176,9 +176,9 @@ async def test_a_worker_sigkilled_during_a_replay_changes_no_balance(
     with harness.running(env, name="after-kill", **harness.SHORT_TAKEOVER) as worker:
         await harness.wait_caught_up(env, CATCH_UP_S, worker)
         settled = await harness.metric(worker, "settler_events_total", outcome="settled")
-    assert settled == 0, f"{settled} events settled anew by a replay"
     assert harness.balances(env.settings) == before
     assert_settled_exactly(env, registry, records)
+    assert settled == 0, f"{settled} events settled anew by a replay"
 
 
 # Bounds far below what the stream touches (200 users x 3 assets, about 4,500 ids),
@@ -210,13 +210,13 @@ async def test_rows_and_ids_evicted_and_reloaded_from_the_database_settle_exactl
             await asyncio.sleep(0.1)
         await catching_up
         duplicates = await harness.metric(worker, "settler_events_total", outcome="duplicate")
+    assert_settled_exactly(env, registry, records)
+    await assert_dead_letters(env, records, sources)
+    # Most re-sent ids were evicted long before their copy came: found in the database.
+    assert duplicates == sum(1 for r in records if r.duplicate)
     rows = len(harness.balances(env.settings))
     ids = sum(1 for r in records if r.expect is None and not r.duplicate)
     # Never more than half of them in memory at once: the rest were evicted, and read
     # back from the database whenever their user or id came again.
     assert 0 < peak["settler_balance_cache_rows"] < rows / 2, (peak, rows)
     assert 0 < peak["settler_remembered_ids"] < ids / 2, (peak, ids)
-    # Most re-sent ids were evicted long before their copy came: found in the database.
-    assert duplicates == sum(1 for r in records if r.duplicate)
-    assert_settled_exactly(env, registry, records)
-    await assert_dead_letters(env, records, sources)
