@@ -29,6 +29,7 @@ pytestmark = pytest.mark.integration
 
 SHAPE = StreamShape(events=20_000, users=200, duplicate_rate=0.10, malformed_rate=0.02, seed=17)
 CATCH_UP_S = 300.0
+BATCHES_IN_FLIGHT_AT_KILL = 8
 RESTART_S = 240.0  # Cassandra's start-up on a loaded 2-core machine, commitlog replay included
 
 # A known failure of today's worker, removed with its fix. Measured: 37.4 s from SIGTERM
@@ -57,6 +58,9 @@ async def test_cassandra_sigkilled_mid_stream_and_restarted_leaves_balances_exac
     sources = await harness.produce(env.topic, records)
     with harness.running(env) as worker:
         done, ends = await harness.wait_for_progress(env, worker)
+        # Killed with batches in flight: each either landed or must be sent again.
+        await harness.wait_for_metric(worker, "settler_batches_in_flight", timeout=60,
+                                      at_least=BATCHES_IN_FLIGHT_AT_KILL)
         pid = devstack.pids()["cassandra"]
         assert pid is not None, "no Cassandra of this stack to kill"
         os.kill(pid, signal.SIGKILL)

@@ -130,7 +130,7 @@ async def killed_run(stack: None, registry: Registry, tmp_path_factory: pytest.T
         committed_at_kills = [0]
         for _ in range(KILLS):
             worker = harness.WorkerProcess(env, name="killed", **harness.SHORT_TAKEOVER)
-            target = committed_at_kills[-1] + rng.randint(1, ends // (3 * KILLS))
+            target = committed_at_kills[-1] + rng.randint(1, ends // (4 * KILLS))
             try:
                 await harness.wait_for_committed(env, target, timeout=120, worker=worker)
             except BaseException:
