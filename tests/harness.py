@@ -388,11 +388,21 @@ async def metric(worker: WorkerProcess, name: str, **labels: str) -> float:
     )
 
 
+async def metric_once_served(worker: WorkerProcess, name: str, **labels: str) -> float:
+    """`metric`, or 0 while a starting worker does not serve its metrics yet."""
+    try:
+        return await metric(worker, name, **labels)
+    except ConnectionRefusedError:
+        if worker.proc.poll() is not None:
+            raise
+        return 0.0
+
+
 async def wait_for_metric(worker: WorkerProcess, name: str, timeout: float,
                           at_least: float = 1, **labels: str) -> float:
     """Until `metric(worker, name, **labels)` reaches `at_least`; its value then."""
     deadline = time.monotonic() + timeout
-    while (value := await metric(worker, name, **labels)) < at_least:
+    while (value := await metric_once_served(worker, name, **labels)) < at_least:
         if worker.proc.poll() is not None:
             raise AssertionError(f"worker exited with {worker.proc.returncode}:\n{worker.tail()}")
         if time.monotonic() > deadline:
