@@ -395,7 +395,7 @@ async def test_a_writer_sigkilled_during_its_takeover_wait_is_replaced_within_th
         for worker in workers.workers:
             await harness.wait_for_log(worker, "writer lease", timeout=30)
         workers.kill_and_restart(workers.writer())
-        waiting = await first_to_log(workers, "waiting for its batches to settle",
+        waiting = await first_to_log(workers, "batches to settle",
                                      timeout=SHIPPED.lease_ttl_s + TAKEOVER_MARGIN_S)
         crashed_at = time.monotonic()
         workers.kill_and_restart(waiting)
