@@ -22,12 +22,14 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.protocol.admin import DeleteGroupsRequest
 from cassandra.cluster import Session
+from prometheus_client.parser import text_string_to_metric_families
 
 from settler.config import Settings, load_settings
 from settler.ops import replay
 from settler.ops.sample import SampleRecord
 from settler.store import cql
 from settler.store.schema import apply_schema, drop_keyspace
+from settler.worker import SHUTDOWN_BUDGET_S
 
 # The stack the tests talk to: the default local one, or a private one on other ports
 # (`SETTLER_KAFKA_BOOTSTRAP=127.0.0.1:19092 SETTLER_CQL_CONTACT_POINTS=127.0.0.1:19042
@@ -36,7 +38,22 @@ BOOTSTRAP = os.environ.get("SETTLER_KAFKA_BOOTSTRAP", "127.0.0.1:9092")
 CQL = os.environ.get("SETTLER_CQL_CONTACT_POINTS", "127.0.0.1:9042")
 STACK_ENV = {"SETTLER_KAFKA_BOOTSTRAP": BOOTSTRAP, "SETTLER_CQL_CONTACT_POINTS": CQL}
 PARTITIONS = 3
+# How long a broker keeps a SIGKILLed worker in its group: three times the worker's
+# consumer session timeout (10 s, settler.kafka.consumer), for the rebalance after it.
+GROUP_EMPTY_TIMEOUT_S = 30.0
 GROUP_ID_NOT_FOUND = 69  # Kafka error code: a group that never joined, nothing to delete
+
+# Workers run with the shipped defaults, except where a test opts into these: a test that
+# SIGKILLs workers over and over would otherwise wait out a 10 s lease and a 15 s takeover
+# wait at each restart (a worker SIGKILLed by a test leaves no batch in a batchlog, since
+# the database node does not fail, so the short wait proves the same there).
+SHORT_TAKEOVER = {"SETTLER_LEASE_TTL_S": "4", "SETTLER_TAKEOVER_WAIT_S": "1"}
+
+# What a SIGTERMed worker may take beyond its own budget (settler.worker.SHUTDOWN_BUDGET_S):
+# the interpreter's teardown after its last line (about 0.3 s measured here, the CQL
+# driver's threads) and scheduling on a loaded machine.
+EXIT_MARGIN_S = 1.0
+STOP_TIMEOUT_S = SHUTDOWN_BUDGET_S + EXIT_MARGIN_S
 
 
 def free_port() -> int:
@@ -69,11 +86,6 @@ class TestEnv:
             "SETTLER_METRICS_HOST": "127.0.0.1",
             "SETTLER_METRICS_PORT": str(free_port()),
             "SETTLER_LOG_FORMAT": "json",
-            "SETTLER_LEASE_TTL_S": "4",
-            # A worker SIGKILLed by a test leaves no batch in a batchlog (the node does not
-            # fail), so takeovers need not wait for one.
-            "SETTLER_TAKEOVER_WAIT_S": "1",
-            "SETTLER_CQL_REQUEST_TIMEOUT_S": "5",
         })
         env.update(extra)
         return env
@@ -137,15 +149,24 @@ async def destroy(env: TestEnv) -> None:
         await admin.delete_topics([env.topic, env.settings.dlq_topic])
         groups = [group for group, *_ in await admin.list_consumer_groups()
                   if group.startswith(env.settings.group_id)]
-        # A SIGKILLed worker stays a member until its session times out (10 s).
-        for _ in range(30):
-            if not (failed := await delete_groups(admin, groups)):
-                break
-            await asyncio.sleep(0.5)
+        # A SIGKILLed worker stays a member until the broker's session timeout expires it.
+        deadline = time.monotonic() + GROUP_EMPTY_TIMEOUT_S
+        while (busy := await groups_with_members(groups)):
+            assert time.monotonic() < deadline, (
+                f"consumer groups still have members after {GROUP_EMPTY_TIMEOUT_S}s: {busy}")
+            await asyncio.sleep(0.25)
+        failed = await delete_groups(admin, groups)
         assert not failed, f"consumer groups left behind: {', '.join(failed)}"
     finally:
         await admin.close()
     await asyncio.to_thread(drop_keyspace, env.settings)
+
+
+async def groups_with_members(groups: list[str]) -> list[str]:
+    # One DescribeGroups request per group: aiokafka 0.14 failed to decode ("Buffer
+    # underrun decoding string") a response describing two groups at once.
+    settings = load_settings(environ=STACK_ENV)
+    return [group for group in groups if (await replay.group_members(settings, group))[1]]
 
 
 async def delete_groups(admin: AIOKafkaAdminClient, groups: Iterable[str]) -> list[str]:
@@ -161,15 +182,18 @@ async def delete_groups(admin: AIOKafkaAdminClient, groups: Iterable[str]) -> li
     return failed
 
 
-async def produce(topic: str, records: Iterable[SampleRecord]) -> None:
+async def produce(topic: str, records: Iterable[SampleRecord]) -> list[str]:
+    """Send `records` in order; where each landed, as a dead letter's `settler.source`
+    names it (topic/partition/offset)."""
     producer = AIOKafkaProducer(bootstrap_servers=BOOTSTRAP, acks="all", linger_ms=5,
                                 enable_idempotence=True)
     await producer.start()
     try:
         futures = [await producer.send(topic, value=r.value, key=r.key) for r in records]
-        await asyncio.gather(*futures)
+        sent = await asyncio.gather(*futures)
     finally:
         await producer.stop()
+    return [f"{m.topic}/{m.partition}/{m.offset}" for m in sent]
 
 
 async def stop_quietly(consumer: AIOKafkaConsumer) -> None:
@@ -222,13 +246,23 @@ async def wait_caught_up(env: TestEnv, timeout: float, worker: WorkerProcess | N
 async def run_until_caught_up(env: TestEnv, timeout: float, name: str = "worker",
                               **extra_env: str) -> WorkerProcess:
     """Start a worker, wait until its group has committed everything, stop it (exit 0)."""
+    with running(env, name, **extra_env) as worker:
+        await wait_caught_up(env, timeout, worker)
+    return worker
+
+
+@contextlib.contextmanager
+def running(env: TestEnv, name: str = "worker", **extra_env: str) -> Iterator[WorkerProcess]:
+    """A worker for the body of a `with`: SIGTERMed afterwards, and it must then exit 0
+    within its shutdown budget. If the body fails, that failure is the one reported: the
+    worker is stopped without a check that could replace it."""
     worker = WorkerProcess(env, name, **extra_env)
     try:
-        await wait_caught_up(env, timeout, worker)
-    finally:
-        code = worker.stop()
-    assert code == 0, f"worker exited with {code}:\n{worker.tail()}"
-    return worker
+        yield worker
+    except BaseException:
+        worker.abandon()
+        raise
+    worker.assert_stops_cleanly()
 
 
 class WorkerProcess:
@@ -252,8 +286,11 @@ class WorkerProcess:
     def kill(self) -> None:
         self.signal(signal.SIGKILL)
         self.proc.wait(10)
+        self._log.close()
 
-    def stop(self, timeout: float = 15) -> int:
+    def stop(self, timeout: float = STOP_TIMEOUT_S) -> int:
+        """SIGTERM; the exit code. Killed, and TimeoutExpired raised, if it takes longer
+        than `timeout` (by default its shutdown budget plus EXIT_MARGIN_S)."""
         # Before "worker starting" the SIGTERM handler may not be installed yet.
         deadline = time.monotonic() + 30
         while (self.proc.poll() is None and time.monotonic() < deadline
@@ -268,11 +305,29 @@ class WorkerProcess:
         finally:
             self._log.close()
 
+    def assert_stops_cleanly(self) -> None:
+        """SIGTERM: the worker must exit 0 within its shutdown budget (plus the margin)."""
+        try:
+            code = self.stop()
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the worker did not exit within {STOP_TIMEOUT_S}s of "
+                                 f"SIGTERM (killed):\n{self.tail()}") from None
+        assert code == 0, f"the worker exited with {code} on SIGTERM:\n{self.tail()}"
+
+    def abandon(self) -> None:
+        """Stop the worker after a test already failed, checking nothing: the test's own
+        failure is the one to report."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.stop()
+        self._log.close()
+
     def logged(self, text: str) -> bool:
         return text in self.log_path.read_text(errors="replace")
 
     def tail(self, lines: int = 40) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
 
@@ -286,6 +341,20 @@ async def wait_for_progress(env: TestEnv, worker: WorkerProcess, timeout: float 
             raise AssertionError(f"no progress committed:\n{worker.tail()}")
         await asyncio.sleep(0.05)
     return done, ends
+
+
+async def wait_for_committed(env: TestEnv, at_least: int, timeout: float,
+                             worker: WorkerProcess | None = None) -> int:
+    """Until the group has committed at least `at_least` records in all; how many then."""
+    deadline = time.monotonic() + timeout
+    while (done := sum((await committed_offsets(env.settings.group_id)).values())) < at_least:
+        if worker is not None and worker.proc.poll() is not None:
+            raise AssertionError(f"worker exited with {worker.proc.returncode}:\n{worker.tail()}")
+        if time.monotonic() > deadline:
+            tail = worker.tail() if worker else ""
+            raise AssertionError(f"committed {done} < {at_least} after {timeout}s\n{tail}")
+        await asyncio.sleep(0.05)
+    return done
 
 
 async def wait_for_log(worker: WorkerProcess, text: str, timeout: float) -> None:
@@ -309,14 +378,39 @@ async def scrape(port: int, path: str = "/metrics") -> tuple[int, str]:
     return int(head.split(b" ", 2)[1]), body.decode()
 
 
-async def metric(worker: WorkerProcess, name: str) -> float:
-    """Sum of every sample of one metric family (all label sets)."""
+async def metric(worker: WorkerProcess, name: str, **labels: str) -> float:
+    """Sum of the samples of one metric whose labels include `labels` (all if none)."""
     _, text = await scrape(worker.metrics_port)
     return sum(
-        float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-        if line.startswith(name) and not line.startswith("#")
-        and line[len(name)] in "{ "
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and labels.items() <= sample.labels.items()
     )
+
+
+async def metric_once_served(worker: WorkerProcess, name: str, **labels: str) -> float:
+    """`metric`, or 0 while a starting worker does not serve its metrics yet."""
+    try:
+        return await metric(worker, name, **labels)
+    except ConnectionRefusedError:
+        if worker.proc.poll() is not None:
+            raise
+        return 0.0
+
+
+async def wait_for_metric(worker: WorkerProcess, name: str, timeout: float,
+                          at_least: float = 1, **labels: str) -> float:
+    """Until `metric(worker, name, **labels)` reaches `at_least`; its value then."""
+    deadline = time.monotonic() + timeout
+    while (value := await metric_once_served(worker, name, **labels)) < at_least:
+        if worker.proc.poll() is not None:
+            raise AssertionError(f"worker exited with {worker.proc.returncode}:\n{worker.tail()}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{name}{labels} is {value}, not {at_least}, after "
+                                 f"{timeout}s:\n{worker.tail()}")
+        await asyncio.sleep(0.2)
+    return value
 
 
 @dataclass(frozen=True)
@@ -345,22 +439,29 @@ def trade_ids(settings: Settings) -> list[int]:
     return [r[0] for r in read_rows(settings, "SELECT trade_id FROM trades")]
 
 
-async def dead_letters(env: TestEnv) -> list[Any]:
-    """Every record of the dead-letter topic."""
+async def dead_letters(env: TestEnv, timeout: float = 60) -> list[Any]:
+    """Every record of the dead-letter topic that a `read_committed` consumer sees (the
+    dead-letter contract is stated for those: SPEC section 4)."""
     topic = env.settings.dlq_topic
-    ends = await end_offsets(topic)
+    partitions = list(await end_offsets(topic))
     consumer = AIOKafkaConsumer(bootstrap_servers=BOOTSTRAP, auto_offset_reset="earliest",
                                 isolation_level="read_committed")
     await consumer.start()
     out: list[Any] = []
+    deadline = time.monotonic() + timeout
     try:
-        consumer.assign(list(ends))
+        consumer.assign(partitions)
         await consumer.seek_to_beginning()
+        # For this consumer the end is the last stable offset: an open transaction's
+        # records are not read yet, and neither is what follows them.
+        ends = await consumer.end_offsets(partitions)
         while True:
             positions = {tp: await consumer.position(tp) for tp in ends}
             if all(positions[tp] >= end for tp, end in ends.items()):
                 break
-            batch = await consumer.getmany(timeout_ms=1000)
+            assert time.monotonic() < deadline, (
+                f"dead letters not read to {ends} within {timeout}s: at {positions}")
+            batch = await consumer.getmany(timeout_ms=500)
             for records in batch.values():
                 out.extend(records)
     finally:

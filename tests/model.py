@@ -4,7 +4,7 @@ own rules (no import of settler.core.settlement or settler.core.amounts) so the 
 from __future__ import annotations
 
 import json
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 from settler.core.registry import Registry
@@ -81,3 +81,23 @@ def _trade(registry: Registry, t: dict[str, int | str]) -> list[tuple[tuple[int,
     if s_fee:
         moves.append(((registry.fee_account, quote), s_fee, 0))
     return moves
+
+
+def expected_trade_ids(records: list[SampleRecord]) -> set[int]:
+    """The ids of the trades that must be stored: every valid trade, once."""
+    return {
+        json.loads(record.value)["trade_id"]
+        for record in records
+        if record.expect is None and json.loads(record.value)["type"] == "trade"
+    }
+
+
+def expected_dead_letters(records: list[SampleRecord], sources: list[str]
+                          ) -> Counter[tuple[str, bytes, str]]:
+    """(source, original value, reason) of every dead letter due: exactly one per invalid
+    record, named by where it sits in the input topic."""
+    return Counter(
+        (source, record.value, record.expect)
+        for record, source in zip(records, sources, strict=True)
+        if record.expect is not None
+    )

@@ -11,6 +11,7 @@ Library use (other services):
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
@@ -133,7 +134,21 @@ class SettlementDb:
     async def close(self) -> None:
         if self.writer is not None:
             await self.writer.close()
-        await asyncio.to_thread(self.cluster.shutdown)
+        # In a daemon thread: with a node frozen the driver's shutdown can take its
+        # heartbeat timeout, and a caller that stops waiting must not be held at exit.
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+
+        def finished() -> None:
+            if not done.done():
+                done.set_result(None)
+
+        def shutdown() -> None:
+            self.cluster.shutdown()
+            loop.call_soon_threadsafe(finished)
+
+        threading.Thread(target=shutdown, name="cql-shutdown", daemon=True).start()
+        await done
 
     def worker_statements(self) -> dict[str, str]:
         """The CQL text of every statement of the writer's hot path: what its batches hold

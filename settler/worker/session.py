@@ -130,13 +130,28 @@ class WriterSession(ConsumerRebalanceListener):  # type: ignore[misc]
             await self._close_clients()
             raise  # a refused login: the worker exits 2 naming the setting
         else:
-            await self._loop()
+            await self._until_ended(self._loop())
         for watcher in watchers:
             watcher.cancel()
         end = self.end or SessionEnd.STOPPED
         await self._finish(end)
         metrics.SESSIONS.labels(end.value).inc()
         return end
+
+    async def _until_ended(self, loop: Coroutine[Any, Any, None]) -> None:
+        """Run the loop until it returns or the session ends, whichever is first: a loop
+        stuck on a read (the database frozen) must not hold a SIGTERM up. Cancelling it is
+        safe: reads have no effect, and what it issued drains on its own."""
+        task = asyncio.ensure_future(loop)
+        ended = asyncio.ensure_future(self.ended.wait())
+        try:
+            await asyncio.wait({task, ended}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ended.cancel()
+            if not task.done():
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     def _watch(self, event: asyncio.Event, end: SessionEnd) -> asyncio.Task[None]:
         async def watch() -> None:

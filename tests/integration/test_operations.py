@@ -168,8 +168,7 @@ async def settled(stack: None, registry: Registry, tmp_path_factory: pytest.Temp
         half = len(records) // 2
         first = [*records[:half], TRACED]
         second = records[half:]
-        worker = harness.WorkerProcess(env)
-        try:
+        with harness.running(env) as worker:
             await harness.produce(env.topic, records[:half])
             await produce(env.topic, [TRACED], TRACED_HEADERS)
             await harness.wait_caught_up(env, CATCH_UP_S, worker)
@@ -183,8 +182,6 @@ async def settled(stack: None, registry: Registry, tmp_path_factory: pytest.Temp
             await catching_up
             run.after = (await harness.scrape(worker.metrics_port))[1]
             run.ends = await harness.end_offsets(env.topic)
-        finally:
-            assert worker.stop() == 0
         yield run
     finally:
         await asyncio.wait_for(harness.destroy(env), 120)
@@ -242,12 +239,9 @@ async def test_verify_finds_no_difference_after_a_run(settled: SettledRun,
 
 
 async def test_replay_is_refused_while_a_worker_of_the_group_runs(settled: SettledRun) -> None:
-    worker = harness.WorkerProcess(settled.env, name="running")
-    try:
+    with harness.running(settled.env, name="running") as worker:
         await harness.wait_for_log(worker, "partitions assigned", 60)
         result = await run_cli(settled.env, "replay", "--from-offset", "0", "--no-wait")
-    finally:
-        assert worker.stop() == 0
     assert result.returncode == 1
     assert "active member" in result.stderr
     assert await harness.committed_offsets(settled.env.settings.group_id) == settled.ends
@@ -271,12 +265,9 @@ async def test_replay_from_offset_zero_rereads_the_topic_and_changes_no_balance(
             return set(committed) == set(settled.ends) and set(committed.values()) == {0}
 
         await eventually(rewound, 30, "committed offsets reset to 0")
-        worker = harness.WorkerProcess(env, name="replayed")
-        try:
+        with harness.running(env, name="replayed") as worker:
             await harness.wait_caught_up(env, CATCH_UP_S, worker)
             counts = outcomes((await harness.scrape(worker.metrics_port))[1])
-        finally:
-            assert worker.stop() == 0
         out, err = await asyncio.to_thread(watcher.communicate, timeout=60)
     finally:
         if watcher.poll() is None:
@@ -400,8 +391,7 @@ async def test_readyz_is_503_while_cassandra_is_frozen_and_200_after(
     env: harness.TestEnv, registry: Registry
 ) -> None:
     records = generate(registry, StreamShape(events=600, users=40, seed=5))
-    worker = harness.WorkerProcess(env)
-    try:
+    with harness.running(env) as worker:
         await harness.produce(env.topic, records[:300])
         await harness.wait_caught_up(env, CATCH_UP_S, worker)
         assert await readyz(worker) == 200
@@ -425,8 +415,6 @@ async def test_readyz_is_503_while_cassandra_is_frozen_and_200_after(
 
         await eventually(ready, 60, "/readyz says 200 again after Cassandra resumed")
         await harness.wait_caught_up(env, CATCH_UP_S, worker)
-    finally:
-        assert worker.stop() == 0
     expected = expected_balances(registry, records)
     assert {key: (r.available, r.frozen, r.version)
             for key, r in harness.balances(env.settings).items()} == {

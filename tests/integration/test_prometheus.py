@@ -13,7 +13,7 @@ import json
 import shutil
 import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -133,39 +133,36 @@ async def wait_for(client: httpx.AsyncClient, promql: str, value: float, timeout
         await asyncio.sleep(0.5)
 
 
-@contextlib.asynccontextmanager
-async def running_worker(env: harness.TestEnv) -> AsyncIterator[harness.WorkerProcess]:
-    worker = harness.WorkerProcess(env)
-    try:
-        yield worker
-    finally:
-        assert worker.stop() == 0
+async def queries_without_data(client: httpx.AsyncClient) -> list[str]:
+    return [f"{title}: {promql}" for title, promql in dashboard_queries()
+            if not await query(client, promql)]
 
 
 async def test_every_dashboard_query_returns_data_from_a_real_prometheus(
     env: harness.TestEnv, registry: Registry, tmp_path: Path
 ) -> None:
     records = [*generate(registry, SHAPE), OVERDRAFT]
-    settled = sum(1 for r in records if r.expect is None and not r.duplicate)
-    async with running_worker(env) as worker:
-        with prometheus(f"127.0.0.1:{worker.metrics_port}", tmp_path) as url:
-            async with httpx.AsyncClient(base_url=url, timeout=10) as client:
-                await wait_for(client, 'up{job="settler"}', 1, timeout=30)
-                # Two bursts a few scrapes apart, so rates and quantiles have a shape.
-                half = len(records) // 2
-                await harness.produce(env.topic, records[:half])
-                await harness.wait_caught_up(env, 120, worker)
-                await asyncio.sleep(3)
-                await harness.produce(env.topic, records[half:])
-                await harness.wait_caught_up(env, 120, worker)
-                await wait_for(client, 'sum(settler_events_total{outcome="settled"})',
-                               settled, timeout=30)
-                await asyncio.sleep(2)  # a couple more scrapes inside every rate window
-                empty = [
-                    f"{title}: {promql}"
-                    for title, promql in dashboard_queries()
-                    if not await query(client, promql)
-                ]
+    half = len(records) // 2
+    settled = [sum(1 for r in part if r.expect is None and not r.duplicate)
+               for part in (records[:half], records[half:])]
+    settled_count = 'sum(settler_events_total{outcome="settled"})'
+    with harness.running(env) as worker, prometheus(f"127.0.0.1:{worker.metrics_port}",
+                                                    tmp_path) as url:
+        async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+            await wait_for(client, 'up{job="settler"}', 1, timeout=30)
+            # Two bursts with a scrape between them, so rates and quantiles have a shape.
+            await harness.produce(env.topic, records[:half])
+            await harness.wait_caught_up(env, 120, worker)
+            await wait_for(client, settled_count, settled[0], timeout=30)
+            await harness.produce(env.topic, records[half:])
+            await harness.wait_caught_up(env, 120, worker)
+            await wait_for(client, settled_count, sum(settled), timeout=30)
+            # Until a rate window holds enough scrapes of the second burst for every panel.
+            deadline = time.monotonic() + 30
+            while empty := await queries_without_data(client):
+                if time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.5)
     assert not empty, "dashboard queries without data:\n" + "\n".join(empty)
 
 

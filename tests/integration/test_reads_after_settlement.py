@@ -63,11 +63,7 @@ async def test_settled_trades_read_back_exactly_everywhere(
     env: harness.TestEnv, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     await harness.produce(env.topic, STREAM)
-    worker = harness.WorkerProcess(env)
-    try:
-        await harness.wait_caught_up(env, 120, worker)
-    finally:
-        assert worker.stop() == 0
+    await harness.run_until_caught_up(env, 120)
 
     db = await SettlementDb.open(env.settings)
     try:
