@@ -1,0 +1,276 @@
+"""The ceilings of the settle benchmark: the worker's own batches (benchmarks/plan.py) fired
+without the worker, by the Python driver from memory and by a native Java program
+(benchmarks/native/, the Apache Cassandra Java driver 4.x) at unbounded concurrency.
+
+The native program reads a dump: the statement texts once, then per group its batches as
+(statement index, serialized values), the exact bytes the Python driver would send (each
+statement carries its own USING TIMESTAMP value). Maven builds it at benchmark time into
+benchmarks/native/target/ (never committed); a missing JDK or Maven is a clear error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import struct
+import subprocess
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from cassandra.query import UNSET_VALUE, BatchStatement, BatchType
+
+from benchmarks.plan import Planned
+from benchmarks.settle import (
+    CEILING_IN_FLIGHT,
+    Inputs,
+    Phases,
+    Throughput,
+    execute_planned,
+    open_store,
+    plan_inputs,
+)
+from benchmarks.stack import ROOT, CpuMeter, Stack, cpu_seconds, progress
+from settler import cql
+from settler.worker.ports import ProductionStore
+
+NATIVE = ROOT / "benchmarks" / "native"
+NATIVE_IN_FLIGHT = 1024
+MAGIC = b"SETTLERCEIL1"
+_LOGGED, _UNLOGGED = 0, 1
+_NULL, _UNSET = -1, -2
+JVM_OPTIONS = ("-Xms128m", "-Xmx768m", "-Dorg.slf4j.simpleLogger.defaultLogLevel=warn")
+
+
+class NativeBuildError(RuntimeError):
+    pass
+
+
+@dataclass
+class Ceilings:
+    driver: Phases  # the Python driver's execute_concurrent, claims + LOGGED batches
+    native: Phases  # the Java driver, claims + LOGGED batches: the worker's writes
+    native_logged: Phases  # the Java driver, the LOGGED batches alone
+    planned: dict[str, Any]
+
+    def as_json(self) -> dict[str, Any]:
+        return {"driver": self.driver, "native": self.native,
+                "native_logged": self.native_logged, "planned": self.planned}
+
+
+# -- building the program ------------------------------------------------------------------
+
+
+def native_classpath() -> str:
+    """Compile benchmarks/native/ with Maven when its sources changed; the runtime
+    classpath (its classes and the driver's jars from the local Maven repository)."""
+    missing = [tool for tool in ("java", "mvn") if shutil.which(tool) is None]
+    if missing:
+        raise NativeBuildError(
+            f"the native ceiling needs Java 17 and Maven: {' and '.join(missing)} not on PATH "
+            "(the dev stack needs them too)")
+    target = NATIVE / "target"
+    classpath_file = target / "classpath.txt"
+    sources = [NATIVE / "pom.xml", *sorted((NATIVE / "src").rglob("*.java"))]
+    built = classpath_file.stat().st_mtime if classpath_file.exists() else 0.0
+    if any(source.stat().st_mtime > built for source in sources):
+        progress("  building the native ceiling (mvn package, benchmarks/native/)")
+        result = subprocess.run(
+            ["mvn", "-q", "-B", "-Dstyle.color=never", "-f", str(NATIVE / "pom.xml"),
+             "package"], stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            tail = "\n".join((result.stdout + result.stderr).splitlines()[-30:])
+            raise NativeBuildError(f"mvn package of benchmarks/native failed "
+                                   f"(exit {result.returncode}):\n{tail}")
+    jars = classpath_file.read_text().strip()
+    return os.pathsep.join([str(target / "classes"), jars])
+
+
+# -- the dump ------------------------------------------------------------------------------
+
+
+class _Statements:
+    """Statement texts by query id, in first-seen order, with the keyspace renamed."""
+
+    def __init__(self, store: ProductionStore, keyspace: str) -> None:
+        self.store = store
+        self.rename = (f"{store.session.keyspace}.", f"{keyspace}.")
+        self.index: dict[bytes, int] = {}
+        self.texts: list[str] = []
+
+    def of(self, query_id: bytes) -> int:
+        found = self.index.get(query_id)
+        if found is None:
+            # The driver's registry of prepared statements (the store holds them).
+            prepared = self.store.session.cluster._prepared_statements[query_id]
+            found = self.index[query_id] = len(self.texts)
+            self.texts.append(prepared.query_string.replace(*self.rename))
+        return found
+
+
+def _batch_body(batch: BatchStatement, statements: _Statements) -> bytes:
+    parts = [struct.pack(">H", len(batch._statements_and_parameters))]
+    for is_prepared, query_id, values in batch._statements_and_parameters:
+        assert is_prepared, "the settlement batches hold prepared statements only"
+        parts.append(struct.pack(">HH", statements.of(query_id), len(values)))
+        for value in values:
+            if value is None:
+                parts.append(struct.pack(">i", _NULL))
+            elif value is UNSET_VALUE:
+                parts.append(struct.pack(">i", _UNSET))
+            else:
+                parts.append(struct.pack(">i", len(value)))
+                parts.append(value)
+    return b"".join(parts)
+
+
+def write_dump(planned: Planned, store: ProductionStore, keyspace: str, path: Path) -> int:
+    """The planned groups of every phase as the native program reads them; bytes written."""
+    statements = _Statements(store, keyspace)
+    phases = []
+    for name, groups in planned.phases.items():
+        encoded = []
+        for group in groups:
+            batches = b"".join(
+                struct.pack(">BI", _LOGGED if batch.batch_type == BatchType.LOGGED
+                            else _UNLOGGED, len(body)) + body
+                for batch in (group.claims, group.settlement)
+                for body in [_batch_body(batch, statements)])
+            encoded.append(struct.pack(">IIH", group.events, group.trades, 2) + batches)
+        phases.append((name, encoded))
+    with path.open("wb") as out:
+        out.write(MAGIC)
+        out.write(struct.pack(">I", len(statements.texts)))
+        for text in statements.texts:
+            _string(out, text)
+        out.write(struct.pack(">I", len(phases)))
+        for name, encoded in phases:
+            _string(out, name)
+            out.write(struct.pack(">I", len(encoded)))
+            for chunk in encoded:
+                out.write(chunk)
+        return out.tell()
+
+
+def _string(out: BinaryIO, text: str) -> None:
+    data = text.encode()
+    out.write(struct.pack(">I", len(data)))
+    out.write(data)
+
+
+# -- running it ----------------------------------------------------------------------------
+
+
+async def run_native(stack: Stack, dump: Path, keyspace: str, *, label: str,
+                     in_flight: int = NATIVE_IN_FLIGHT, logged_only: bool = False,
+                     classpath: str) -> Phases:
+    """Fire the dump's phases into `keyspace` (its schema applied); CPU of the Java process,
+    Cassandra and the rest metered between each phase's start and done lines."""
+    settings = stack.settings(keyspace)
+    hosts, port = cql.contact_points(settings)
+    store = await open_store(settings)
+    try:
+        rows = await store.run("SELECT data_center FROM system.local")
+        datacenter = next(iter(rows))[0]
+    finally:
+        await store.close()
+    command = ["java", *JVM_OPTIONS, "-cp", classpath, "settler.bench.NativeCeiling",
+               "--dump", str(dump), "--host", hosts[0], "--port", str(port),
+               "--dc", datacenter, "--keyspace", keyspace,
+               "--consistency", settings.cql_consistency, "--in-flight", str(in_flight),
+               *(["--logged-only"] if logged_only else [])]
+    proc = await asyncio.create_subprocess_exec(
+        *command, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    errors = asyncio.ensure_future(proc.stderr.read())
+    runs: dict[str, Throughput] = {}
+    meter: CpuMeter | None = None
+    cpu_started = 0.0
+    try:
+        async for raw in proc.stdout:
+            line = raw.decode().strip()
+            if line.startswith("start "):
+                meter = CpuMeter(proc.pid)
+                meter.start()
+                cpu_started = cpu_seconds(proc.pid)
+            elif line.startswith("done ") and meter is not None:
+                own = cpu_seconds(proc.pid) - cpu_started
+                cpu = meter.stop()
+                cpu.pop("wall_s")
+                done = json.loads(line[len("done "):])
+                events = int(done["events"])
+                phase = str(done["phase"])
+                runs[phase] = Throughput(
+                    f"{label}-{phase}", events, int(done["trades"]), float(done["elapsed_s"]),
+                    cpu, cpu_us_per_event=1e6 * own / max(1, events), notes={
+                        "in_flight": in_flight, "batches": done["batches"],
+                        "groups": done["groups"], "logged_only": logged_only,
+                        "batches_per_s": done["batches_per_s"],
+                        "other_processes": meter.top_others})
+        code = await proc.wait()
+    except BaseException:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        raise
+    stderr = (await errors).decode(errors="replace")
+    if code != 0 or set(runs) != {"funding", "trades"}:
+        raise RuntimeError(f"the native ceiling exited with {code}; stderr:\n{stderr[-3000:]}")
+    trades = runs["trades"]
+    progress(f"  {label}: {trades.trades_per_s:,.0f} trades/s "
+             f"({trades.notes['batches_per_s']:,.0f} batches/s) over {trades.wall_s:.1f}s; "
+             f"CPU: java {trades.cpu['settler']:.0f}% ({trades.cpu_us_per_event:.0f} µs/event),"
+             f" cassandra {trades.cpu['cassandra']:.0f}% ({trades.db_us_per_event:.0f} "
+             "µs/event)")
+    return Phases(runs["funding"], trades)
+
+
+async def run_ceilings(stack: Stack, inputs: Inputs, *, driver_in_flight: int = CEILING_IN_FLIGHT,
+                       native_in_flight: int = NATIVE_IN_FLIGHT) -> Ceilings:
+    """Plan the stream once into the worker's groups; execute them with the Python driver,
+    then with the native program (all batches, then the LOGGED ones alone), each into a
+    fresh keyspace."""
+    classpath = await asyncio.to_thread(native_classpath)
+    settings = stack.settings(await stack.keyspace("ceiling"))
+    store = await open_store(settings)
+    try:
+        planned = await plan_inputs(store, settings, inputs)
+        progress(f"== settle (b): the Python driver ceiling, {driver_in_flight} in flight")
+        driver = await execute_planned(store, planned, driver_in_flight)
+        native_keyspace = await stack.keyspace("native")
+        logged_keyspace = await stack.keyspace("nativelogged")
+        with tempfile.TemporaryDirectory(prefix="settler-ceiling-") as tmp:
+            dump = Path(tmp) / "batches.bin"
+            size = await asyncio.to_thread(write_dump, planned, store, native_keyspace, dump)
+            logged_dump = Path(tmp) / "batches-logged.bin"
+            await asyncio.to_thread(write_dump, planned, store, logged_keyspace, logged_dump)
+            progress(f"== settle (b'): the native ceiling (Java driver), {native_in_flight} in "
+                     f"flight; dump of {planned.groups:,} groups: {size / 2**20:,.1f} MiB")
+            native = await run_native(stack, dump, native_keyspace, label="native",
+                                      in_flight=native_in_flight, classpath=classpath)
+            native_logged = await run_native(stack, logged_dump, logged_keyspace,
+                                             label="native-logged", in_flight=native_in_flight,
+                                             logged_only=True, classpath=classpath)
+    finally:
+        await store.close()
+    return Ceilings(driver, native, native_logged, planned={
+        "groups": planned.groups, "users": planned.users,
+        "batch_events": planned.batch_events, "batch_max_bytes": planned.batch_max_bytes,
+        "fetch_records": planned.fetch_records,
+        "plan_us_per_event": planned.plan_us_per_event,
+        "events_per_group": _mean(len_events(planned)),
+    })
+
+
+def len_events(planned: Planned) -> Iterable[int]:
+    return (group.events for groups in planned.phases.values() for group in groups)
+
+
+def _mean(values: Iterable[int]) -> float:
+    items = list(values)
+    return sum(items) / len(items) if items else 0.0
