@@ -2,9 +2,10 @@
 without the worker, by the Python driver from memory and by a native Java program
 (benchmarks/native/, the Apache Cassandra Java driver 4.x) at unbounded concurrency.
 
-The native program reads a dump: the statement texts once, then per group its batches as
-(statement index, serialized values), the exact bytes the Python driver would send (each
-statement carries its own USING TIMESTAMP value). Maven builds it at benchmark time into
+The native program reads a dump: per group its batches as (statement index, serialized
+values), the exact bytes the Python driver would send (each statement carries its own USING
+TIMESTAMP value), then the statement texts once, with the keyspace left for the program to
+fill in (one dump serves several keyspaces). Maven builds it at benchmark time into
 benchmarks/native/target/ (never committed); a missing JDK or Maven is a clear error.
 """
 
@@ -43,6 +44,7 @@ NATIVE_IN_FLIGHT = 1024
 MAGIC = b"SETTLERCEIL1"
 _LOGGED, _UNLOGGED = 0, 1
 _NULL, _UNSET = -1, -2
+KEYSPACE_MARK = "{keyspace}."  # replaced by the program's --keyspace
 JVM_OPTIONS = ("-Xms128m", "-Xmx768m", "-Dorg.slf4j.simpleLogger.defaultLogLevel=warn")
 
 
@@ -94,11 +96,11 @@ def native_classpath() -> str:
 
 
 class _Statements:
-    """Statement texts by query id, in first-seen order, with the keyspace renamed."""
+    """Statement texts by query id, in first-seen order, keyspace-neutral."""
 
-    def __init__(self, store: ProductionStore, keyspace: str) -> None:
+    def __init__(self, store: ProductionStore) -> None:
         self.store = store
-        self.rename = (f"{store.session.keyspace}.", f"{keyspace}.")
+        self.keyspace = f"{store.session.keyspace}."
         self.index: dict[bytes, int] = {}
         self.texts: list[str] = []
 
@@ -108,11 +110,12 @@ class _Statements:
             # The driver's registry of prepared statements (the store holds them).
             prepared = self.store.session.cluster._prepared_statements[query_id]
             found = self.index[query_id] = len(self.texts)
-            self.texts.append(prepared.query_string.replace(*self.rename))
+            self.texts.append(prepared.query_string.replace(self.keyspace, KEYSPACE_MARK))
         return found
 
 
-def _batch_body(batch: BatchStatement, statements: _Statements) -> bytes:
+def _batch(batch: BatchStatement, statements: _Statements) -> bytes:
+    """One batch: its type and length, then each statement's index and values."""
     parts = [struct.pack(">H", len(batch._statements_and_parameters))]
     for is_prepared, query_id, values in batch._statements_and_parameters:
         assert is_prepared, "the settlement batches hold prepared statements only"
@@ -125,34 +128,28 @@ def _batch_body(batch: BatchStatement, statements: _Statements) -> bytes:
             else:
                 parts.append(struct.pack(">i", len(value)))
                 parts.append(value)
-    return b"".join(parts)
+    body = b"".join(parts)
+    kind = _LOGGED if batch.batch_type == BatchType.LOGGED else _UNLOGGED
+    return struct.pack(">BI", kind, len(body)) + body
 
 
-def write_dump(planned: Planned, store: ProductionStore, keyspace: str, path: Path) -> int:
-    """The planned groups of every phase as the native program reads them; bytes written."""
-    statements = _Statements(store, keyspace)
-    phases = []
-    for name, groups in planned.phases.items():
-        encoded = []
-        for group in groups:
-            batches = b"".join(
-                struct.pack(">BI", _LOGGED if batch.batch_type == BatchType.LOGGED
-                            else _UNLOGGED, len(body)) + body
-                for batch in (group.claims, group.settlement)
-                for body in [_batch_body(batch, statements)])
-            encoded.append(struct.pack(">IIH", group.events, group.trades, 2) + batches)
-        phases.append((name, encoded))
+def write_dump(planned: Planned, store: ProductionStore, path: Path) -> int:
+    """The planned groups of every phase as the native program reads them (written as they
+    are encoded; the statement texts, found on the way, come last); bytes written."""
+    statements = _Statements(store)
     with path.open("wb") as out:
         out.write(MAGIC)
+        out.write(struct.pack(">I", len(planned.phases)))
+        for name, groups in planned.phases.items():
+            _string(out, name)
+            out.write(struct.pack(">I", len(groups)))
+            for group in groups:
+                out.write(struct.pack(">IIH", group.events, group.trades, 2))
+                out.write(_batch(group.claims, statements))
+                out.write(_batch(group.settlement, statements))
         out.write(struct.pack(">I", len(statements.texts)))
         for text in statements.texts:
             _string(out, text)
-        out.write(struct.pack(">I", len(phases)))
-        for name, encoded in phases:
-            _string(out, name)
-            out.write(struct.pack(">I", len(encoded)))
-            for chunk in encoded:
-                out.write(chunk)
         return out.tell()
 
 
@@ -166,18 +163,12 @@ def _string(out: BinaryIO, text: str) -> None:
 
 
 async def run_native(stack: Stack, dump: Path, keyspace: str, *, label: str,
-                     in_flight: int = NATIVE_IN_FLIGHT, logged_only: bool = False,
-                     classpath: str) -> Phases:
+                     datacenter: str, classpath: str, in_flight: int = NATIVE_IN_FLIGHT,
+                     logged_only: bool = False) -> Phases:
     """Fire the dump's phases into `keyspace` (its schema applied); CPU of the Java process,
     Cassandra and the rest metered between each phase's start and done lines."""
     settings = stack.settings(keyspace)
     hosts, port = cql.contact_points(settings)
-    store = await open_store(settings)
-    try:
-        rows = await store.run("SELECT data_center FROM system.local")
-        datacenter = next(iter(rows))[0]
-    finally:
-        await store.close()
     command = ["java", *JVM_OPTIONS, "-cp", classpath, "settler.bench.NativeCeiling",
                "--dump", str(dump), "--host", hosts[0], "--port", str(port),
                "--dc", datacenter, "--keyspace", keyspace,
@@ -242,20 +233,20 @@ async def run_ceilings(stack: Stack, inputs: Inputs, *, driver_in_flight: int = 
         planned = await plan_inputs(store, settings, inputs)
         progress(f"== settle (b): the Python driver ceiling, {driver_in_flight} in flight")
         driver = await execute_planned(store, planned, driver_in_flight)
-        native_keyspace = await stack.keyspace("native")
-        logged_keyspace = await stack.keyspace("nativelogged")
+        rows = await store.run("SELECT data_center FROM system.local")
+        datacenter = str(next(iter(rows))[0])
         with tempfile.TemporaryDirectory(prefix="settler-ceiling-") as tmp:
             dump = Path(tmp) / "batches.bin"
-            size = await asyncio.to_thread(write_dump, planned, store, native_keyspace, dump)
-            logged_dump = Path(tmp) / "batches-logged.bin"
-            await asyncio.to_thread(write_dump, planned, store, logged_keyspace, logged_dump)
+            size = await asyncio.to_thread(write_dump, planned, store, dump)
             progress(f"== settle (b'): the native ceiling (Java driver), {native_in_flight} in "
                      f"flight; dump of {planned.groups:,} groups: {size / 2**20:,.1f} MiB")
-            native = await run_native(stack, dump, native_keyspace, label="native",
-                                      in_flight=native_in_flight, classpath=classpath)
-            native_logged = await run_native(stack, logged_dump, logged_keyspace,
-                                             label="native-logged", in_flight=native_in_flight,
-                                             logged_only=True, classpath=classpath)
+            native = await run_native(stack, dump, await stack.keyspace("native"),
+                                      label="native", datacenter=datacenter,
+                                      classpath=classpath, in_flight=native_in_flight)
+            native_logged = await run_native(
+                stack, dump, await stack.keyspace("nativelogged"), label="native-logged",
+                datacenter=datacenter, classpath=classpath, in_flight=native_in_flight,
+                logged_only=True)
     finally:
         await store.close()
     return Ceilings(driver, native, native_logged, planned={

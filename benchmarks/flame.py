@@ -11,6 +11,7 @@ sample) and 100 Hz over tens of seconds already gives thousands of samples.
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 import signal
 import sys
@@ -82,5 +83,5 @@ async def run_flame(stack: Stack, registry: Registry, trades: int, source: Worke
     profiler = Profiler(flame_path(label), rate)
     phases, _ = await run_worker_phases(stack, inputs, "flame", source=source,
                                         on_ready=profiler.attach, before_stop=profiler.stop)
-    samples = next((line for line in profiler.report.splitlines() if "Samples" in line), "")
-    return phases, profiler.output, samples
+    found = re.search(r"Samples: \d+ Errors: \d+", profiler.report)
+    return phases, profiler.output, found[0] if found else ""

@@ -29,6 +29,12 @@ import java.util.concurrent.atomic.AtomicReference;
  * fired at a fixed number in flight, phase by phase, with the values exactly as the Python
  * driver serialized them (each statement carries its own USING TIMESTAMP value).
  *
+ * <p>The dump (big-endian): "SETTLERCEIL1"; u32 phases, each: name, u32 groups, each group:
+ * u32 events, u32 trades, u16 batches, each: u8 type (0 LOGGED, 1 UNLOGGED), u32 length, then
+ * u16 statements, each: u16 statement index, u16 values, each: i32 length (-1 null, -2 unset)
+ * and the serialized value. Then u32 statements, each a text whose "{keyspace}." is replaced
+ * by --keyspace. Strings are u32 length and UTF-8.
+ *
  * <p>Prints one line per step on stdout for the harness, which meters CPU between "start" and
  * "done": {@code ready}, {@code start PHASE}, {@code done {json}}. Exit 1 on any failed batch.
  */
@@ -37,6 +43,7 @@ public final class NativeCeiling {
   private static final int NULL_VALUE = -1;
   private static final int UNSET_VALUE = -2;
   private static final int LOGGED = 0;
+  private static final String KEYSPACE_MARK = "{keyspace}.";
 
   /** One batch of the dump: its type and where its statements lie in the dump. */
   private record Batch(int type, int offset, int length) {}
@@ -59,13 +66,14 @@ public final class NativeCeiling {
     if (!java.util.Arrays.equals(magic, MAGIC)) {
       throw new IllegalArgumentException(dump + ": not a ceiling dump (bad magic)");
     }
-    List<String> texts = new ArrayList<>();
-    for (int n = data.getInt(); n > 0; n--) {
-      texts.add(string(data));
-    }
     List<Phase> phases = new ArrayList<>();
     for (int n = data.getInt(); n > 0; n--) {
       phases.add(phase(data, loggedOnly));
+    }
+    String keyspace = required(args, "keyspace");
+    List<String> texts = new ArrayList<>();
+    for (int n = data.getInt(); n > 0; n--) {
+      texts.add(string(data).replace(KEYSPACE_MARK, keyspace + "."));
     }
     DriverConfigLoader config =
         DriverConfigLoader.programmaticBuilder()
@@ -79,7 +87,7 @@ public final class NativeCeiling {
             .addContactPoint(
                 new InetSocketAddress(required(args, "host"), Integer.parseInt(required(args, "port"))))
             .withLocalDatacenter(required(args, "dc"))
-            .withKeyspace(required(args, "keyspace"))
+            .withKeyspace(keyspace)
             .withConfigLoader(config)
             .build()) {
       List<PreparedStatement> prepared = new ArrayList<>();
