@@ -12,13 +12,14 @@ benchmarks/native/target/ (never committed); a missing JDK or Maven is a clear e
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
 import struct
 import subprocess
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -40,7 +41,9 @@ from settler import cql
 from settler.worker.ports import ProductionStore
 
 NATIVE = ROOT / "benchmarks" / "native"
-NATIVE_IN_FLIGHT = 1024
+# The native ceiling is the best of these: more in flight is not faster (see run_ceilings).
+NATIVE_IN_FLIGHT = (16, 64, 256, 1024)
+WARMUP_IN_FLIGHT = 64  # the untimed first run, so that the timed ones find the JIT warm
 MAGIC = b"SETTLERCEIL1"
 _LOGGED, _UNLOGGED = 0, 1
 _NULL, _UNSET = -1, -2
@@ -55,13 +58,20 @@ class NativeBuildError(RuntimeError):
 @dataclass
 class Ceilings:
     driver: Phases  # the Python driver's execute_concurrent, claims + LOGGED batches
-    native: Phases  # the Java driver, claims + LOGGED batches: the worker's writes
-    native_logged: Phases  # the Java driver, the LOGGED batches alone
+    # The Java driver, claims + LOGGED batches (the worker's writes), per in-flight bound.
+    native_sweep: list[Phases]
+    native_logged: Phases  # the Java driver, the LOGGED batches alone, at the best bound
     planned: dict[str, Any]
+
+    @property
+    def native(self) -> Phases:
+        """The native ceiling: the best trades/s of the sweep."""
+        return max(self.native_sweep, key=lambda run: run.trades.trades_per_s)
 
     def as_json(self) -> dict[str, Any]:
         return {"driver": self.driver, "native": self.native,
-                "native_logged": self.native_logged, "planned": self.planned}
+                "native_sweep": self.native_sweep, "native_logged": self.native_logged,
+                "planned": self.planned}
 
 
 # -- building the program ------------------------------------------------------------------
@@ -77,8 +87,9 @@ def native_classpath() -> str:
             "(the dev stack needs them too)")
     target = NATIVE / "target"
     classpath_file = target / "classpath.txt"
+    stamp = target / "built.stamp"  # Maven leaves an unchanged classpath.txt as it was
     sources = [NATIVE / "pom.xml", *sorted((NATIVE / "src").rglob("*.java"))]
-    built = classpath_file.stat().st_mtime if classpath_file.exists() else 0.0
+    built = stamp.stat().st_mtime if stamp.exists() and classpath_file.exists() else 0.0
     if any(source.stat().st_mtime > built for source in sources):
         progress("  building the native ceiling (mvn package, benchmarks/native/)")
         result = subprocess.run(
@@ -88,6 +99,7 @@ def native_classpath() -> str:
             tail = "\n".join((result.stdout + result.stderr).splitlines()[-30:])
             raise NativeBuildError(f"mvn package of benchmarks/native failed "
                                    f"(exit {result.returncode}):\n{tail}")
+        stamp.touch()
     jars = classpath_file.read_text().strip()
     return os.pathsep.join([str(target / "classes"), jars])
 
@@ -162,70 +174,114 @@ def _string(out: BinaryIO, text: str) -> None:
 # -- running it ----------------------------------------------------------------------------
 
 
-async def run_native(stack: Stack, dump: Path, keyspace: str, *, label: str,
-                     datacenter: str, classpath: str, in_flight: int = NATIVE_IN_FLIGHT,
-                     logged_only: bool = False) -> Phases:
-    """Fire the dump's phases into `keyspace` (its schema applied); CPU of the Java process,
-    Cassandra and the rest metered between each phase's start and done lines."""
-    settings = stack.settings(keyspace)
-    hosts, port = cql.contact_points(settings)
-    command = ["java", *JVM_OPTIONS, "-cp", classpath, "settler.bench.NativeCeiling",
-               "--dump", str(dump), "--host", hosts[0], "--port", str(port),
-               "--dc", datacenter, "--keyspace", keyspace,
-               "--consistency", settings.cql_consistency, "--in-flight", str(in_flight),
-               *(["--logged-only"] if logged_only else [])]
-    proc = await asyncio.create_subprocess_exec(
-        *command, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE)
-    assert proc.stdout is not None and proc.stderr is not None
-    errors = asyncio.ensure_future(proc.stderr.read())
-    runs: dict[str, Throughput] = {}
-    meter: CpuMeter | None = None
-    cpu_started = 0.0
-    try:
-        async for raw in proc.stdout:
-            line = raw.decode().strip()
-            if line.startswith("start "):
-                meter = CpuMeter(proc.pid)
-                meter.start()
-                cpu_started = cpu_seconds(proc.pid)
-            elif line.startswith("done ") and meter is not None:
-                own = cpu_seconds(proc.pid) - cpu_started
-                cpu = meter.stop()
-                cpu.pop("wall_s")
-                done = json.loads(line[len("done "):])
-                events = int(done["events"])
-                phase = str(done["phase"])
-                runs[phase] = Throughput(
-                    f"{label}-{phase}", events, int(done["trades"]), float(done["elapsed_s"]),
-                    cpu, cpu_us_per_event=1e6 * own / max(1, events), notes={
-                        "in_flight": in_flight, "batches": done["batches"],
-                        "groups": done["groups"], "logged_only": logged_only,
-                        "batches_per_s": done["batches_per_s"],
-                        "other_processes": meter.top_others})
-        code = await proc.wait()
-    except BaseException:
-        if proc.returncode is None:
+class NativeProgram:
+    """The Java program, started once (its JIT warms up across runs) and told one run at a
+    time what to fire where; CPU of the Java process, Cassandra and the rest is metered
+    between each phase's start and done lines."""
+
+    def __init__(self, stack: Stack, dump: Path, *, datacenter: str, classpath: str) -> None:
+        self.stack = stack
+        self.dump = dump
+        self.datacenter = datacenter
+        self.classpath = classpath
+        self.proc: asyncio.subprocess.Process | None = None
+        self.errors: asyncio.Future[bytes] | None = None
+
+    async def __aenter__(self) -> NativeProgram:
+        hosts, port = cql.contact_points(self.stack.base)
+        self.proc = await asyncio.create_subprocess_exec(
+            "java", *JVM_OPTIONS, "-cp", self.classpath, "settler.bench.NativeCeiling",
+            "--dump", str(self.dump), "--host", hosts[0], "--port", str(port),
+            "--dc", self.datacenter, "--consistency", self.stack.base.cql_consistency,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE)
+        assert self.proc.stderr is not None
+        self.errors = asyncio.ensure_future(self.proc.stderr.read())
+        await self._expect("ready")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        proc = self.proc
+        if proc is None or proc.returncode is not None:
+            return
+        if exc[0] is None and proc.stdin is not None:
+            proc.stdin.write(b"quit\n")
+            await proc.stdin.drain()
+            proc.stdin.close()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(proc.wait(), 30)
+        if proc.returncode is None:  # failed, interrupted, or did not quit in time
             proc.kill()
             await proc.wait()
-        raise
-    stderr = (await errors).decode(errors="replace")
-    if code != 0 or set(runs) != {"funding", "trades"}:
-        raise RuntimeError(f"the native ceiling exited with {code}; stderr:\n{stderr[-3000:]}")
-    trades = runs["trades"]
-    progress(f"  {label}: {trades.trades_per_s:,.0f} trades/s "
-             f"({trades.notes['batches_per_s']:,.0f} batches/s) over {trades.wall_s:.1f}s; "
-             f"CPU: java {trades.cpu['settler']:.0f}% ({trades.cpu_us_per_event:.0f} µs/event),"
-             f" cassandra {trades.cpu['cassandra']:.0f}% ({trades.db_us_per_event:.0f} "
-             "µs/event)")
-    return Phases(runs["funding"], trades)
+
+    async def _line(self) -> str:
+        assert self.proc is not None and self.proc.stdout is not None
+        raw = await self.proc.stdout.readline()
+        if not raw:
+            code = await self.proc.wait()
+            stderr = (await self.errors).decode(errors="replace") if self.errors else ""
+            raise RuntimeError(f"the native ceiling exited with {code}; stderr:\n"
+                               f"{stderr[-3000:]}")
+        return raw.decode().strip()
+
+    async def _expect(self, word: str) -> str:
+        line = await self._line()
+        if not line.startswith(word):
+            raise RuntimeError(f"the native ceiling said {line!r}, expected {word!r}")
+        return line
+
+    async def run(self, label: str, keyspace: str, in_flight: int, *,
+                  logged_only: bool = False) -> Phases:
+        """Every phase of the dump into `keyspace` (its schema applied)."""
+        proc = self.proc
+        assert proc is not None and proc.stdin is not None
+        mode = "logged" if logged_only else "all"
+        proc.stdin.write(f"run {label} {keyspace} {in_flight} {mode}\n".encode())
+        await proc.stdin.drain()
+        runs: dict[str, Throughput] = {}
+        while True:
+            line = await self._line()
+            if line == f"end {label}":
+                break
+            if not line.startswith("start "):
+                raise RuntimeError(f"the native ceiling said {line!r}")
+            meter = CpuMeter(proc.pid)
+            meter.start()
+            cpu_started = cpu_seconds(proc.pid)
+            line = await self._expect("done ")
+            own = cpu_seconds(proc.pid) - cpu_started
+            cpu = meter.stop()
+            cpu.pop("wall_s")
+            done = json.loads(line[len("done "):])
+            events, phase = int(done["events"]), str(done["phase"])
+            runs[phase] = Throughput(
+                f"{label}-{phase}", events, int(done["trades"]), float(done["elapsed_s"]), cpu,
+                cpu_us_per_event=1e6 * own / max(1, events), notes={
+                    "in_flight": in_flight, "batches": done["batches"],
+                    "groups": done["groups"], "logged_only": logged_only,
+                    "batches_per_s": done["batches_per_s"],
+                    "other_processes": meter.top_others})
+        trades = runs["trades"]
+        progress(f"  {label}: {trades.trades_per_s:,.0f} trades/s "
+                 f"({trades.notes['batches_per_s']:,.0f} batches/s) over {trades.wall_s:.1f}s;"
+                 f" CPU: java {trades.cpu['settler']:.0f}% ({trades.cpu_us_per_event:.0f} "
+                 f"µs/event), cassandra {trades.cpu['cassandra']:.0f}% "
+                 f"({trades.db_us_per_event:.0f} µs/event), other {trades.cpu['other']:.0f}%")
+        return Phases(runs["funding"], trades)
 
 
-async def run_ceilings(stack: Stack, inputs: Inputs, *, driver_in_flight: int = CEILING_IN_FLIGHT,
-                       native_in_flight: int = NATIVE_IN_FLIGHT) -> Ceilings:
+async def run_ceilings(stack: Stack, inputs: Inputs, *,
+                       driver_in_flight: int = CEILING_IN_FLIGHT,
+                       native_in_flight: Sequence[int] = NATIVE_IN_FLIGHT) -> Ceilings:
     """Plan the stream once into the worker's groups; execute them with the Python driver,
-    then with the native program (all batches, then the LOGGED ones alone), each into a
-    fresh keyspace."""
+    then with the native program: once untimed to warm up its JIT, then at each in-flight
+    bound (all batches), then the LOGGED ones alone at the best bound; each run into a fresh
+    keyspace, dropped after it.
+
+    Why a sweep rather than one "unbounded" run: every group's batch writes the fee
+    account's rows (and the most active users' rows), so a thousand batches in flight
+    contend on the same few partitions; in trial runs here 1024 in flight gave about half
+    the trades/s of 16-128, with Cassandra spending more CPU per event."""
     classpath = await asyncio.to_thread(native_classpath)
     settings = stack.settings(await stack.keyspace("ceiling"))
     store = await open_store(settings)
@@ -238,18 +294,27 @@ async def run_ceilings(stack: Stack, inputs: Inputs, *, driver_in_flight: int = 
         with tempfile.TemporaryDirectory(prefix="settler-ceiling-") as tmp:
             dump = Path(tmp) / "batches.bin"
             size = await asyncio.to_thread(write_dump, planned, store, dump)
-            progress(f"== settle (b'): the native ceiling (Java driver), {native_in_flight} in "
-                     f"flight; dump of {planned.groups:,} groups: {size / 2**20:,.1f} MiB")
-            native = await run_native(stack, dump, await stack.keyspace("native"),
-                                      label="native", datacenter=datacenter,
-                                      classpath=classpath, in_flight=native_in_flight)
-            native_logged = await run_native(
-                stack, dump, await stack.keyspace("nativelogged"), label="native-logged",
-                datacenter=datacenter, classpath=classpath, in_flight=native_in_flight,
-                logged_only=True)
+            progress(f"== settle (b'): the native ceiling (Java driver) at "
+                     f"{', '.join(map(str, native_in_flight))} in flight; dump of "
+                     f"{planned.groups:,} groups: {size / 2**20:,.1f} MiB")
+            async with NativeProgram(stack, dump, datacenter=datacenter,
+                                     classpath=classpath) as program:
+
+                async def native(label: str, in_flight: int, logged_only: bool) -> Phases:
+                    keyspace = await stack.keyspace(label.replace("-", ""))
+                    try:
+                        return await program.run(label, keyspace, in_flight,
+                                                 logged_only=logged_only)
+                    finally:
+                        await stack.drop_keyspace(keyspace)
+
+                await native("native-warmup", WARMUP_IN_FLIGHT, False)
+                sweep = [await native(f"native-{n}", n, False) for n in native_in_flight]
+                best = max(sweep, key=lambda run: run.trades.trades_per_s)
+                logged = await native("native-logged", best.trades.notes["in_flight"], True)
     finally:
         await store.close()
-    return Ceilings(driver, native, native_logged, planned={
+    return Ceilings(driver, sweep, logged, planned={
         "groups": planned.groups, "users": planned.users,
         "batch_events": planned.batch_events, "batch_max_bytes": planned.batch_max_bytes,
         "fetch_records": planned.fetch_records,

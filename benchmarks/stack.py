@@ -198,6 +198,10 @@ class Stack:
         self.groups.append(name)
         return name
 
+    async def drop_keyspace(self, keyspace: str) -> None:
+        await asyncio.to_thread(drop_keyspace, self.settings(keyspace))
+        self.keyspaces.remove(keyspace)
+
     async def drop_keyspaces(self) -> None:
         """Drop the keyspaces made so far (between A/B runs: each starts on a node holding
         the same data)."""

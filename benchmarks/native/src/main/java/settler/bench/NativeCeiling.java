@@ -8,6 +8,8 @@ import com.datastax.oss.driver.api.core.cql.BatchStatementBuilder;
 import com.datastax.oss.driver.api.core.cql.BoundStatementBuilder;
 import com.datastax.oss.driver.api.core.cql.DefaultBatchType;
 import com.datastax.oss.driver.api.core.cql.PreparedStatement;
+import java.io.BufferedReader;
+import java.io.InputStreamReader;
 import java.net.InetSocketAddress;
 import java.nio.ByteBuffer;
 import java.nio.charset.StandardCharsets;
@@ -35,8 +37,12 @@ import java.util.concurrent.atomic.AtomicReference;
  * and the serialized value. Then u32 statements, each a text whose "{keyspace}." is replaced
  * by --keyspace. Strings are u32 length and UTF-8.
  *
- * <p>Prints one line per step on stdout for the harness, which meters CPU between "start" and
- * "done": {@code ready}, {@code start PHASE}, {@code done {json}}. Exit 1 on any failed batch.
+ * <p>Driven over stdin/stdout by the harness, one run at a time, so that it can drop each run's
+ * keyspace before the next and the JVM stays warm across runs: it prints {@code ready}, then
+ * for each line {@code run LABEL KEYSPACE IN_FLIGHT all|logged} it fires every phase of the
+ * dump into KEYSPACE (logged: the LOGGED batches only), printing {@code start LABEL PHASE} and
+ * {@code done {json}} around each phase (the harness meters CPU in between) and {@code end
+ * LABEL}; {@code quit} or the end of input ends it. Exit 1 on any failed batch.
  */
 public final class NativeCeiling {
   private static final byte[] MAGIC = "SETTLERCEIL1".getBytes(StandardCharsets.US_ASCII);
@@ -44,6 +50,7 @@ public final class NativeCeiling {
   private static final int UNSET_VALUE = -2;
   private static final int LOGGED = 0;
   private static final String KEYSPACE_MARK = "{keyspace}.";
+  private static final int MAX_IN_FLIGHT = 4096;
 
   /** One batch of the dump: its type and where its statements lie in the dump. */
   private record Batch(int type, int offset, int length) {}
@@ -55,11 +62,6 @@ public final class NativeCeiling {
   public static void main(String[] argv) throws Exception {
     Map<String, String> args = parse(argv);
     Path dump = Path.of(required(args, "dump"));
-    int inFlight = Integer.parseInt(args.getOrDefault("in-flight", "1024"));
-    boolean loggedOnly = args.containsKey("logged-only");
-    if (inFlight < 1) {
-      throw new IllegalArgumentException("--in-flight: must be at least 1");
-    }
     ByteBuffer data = ByteBuffer.wrap(Files.readAllBytes(dump));
     byte[] magic = new byte[MAGIC.length];
     data.get(magic);
@@ -68,52 +70,73 @@ public final class NativeCeiling {
     }
     List<Phase> phases = new ArrayList<>();
     for (int n = data.getInt(); n > 0; n--) {
-      phases.add(phase(data, loggedOnly));
+      phases.add(phase(data));
     }
-    String keyspace = required(args, "keyspace");
     List<String> texts = new ArrayList<>();
     for (int n = data.getInt(); n > 0; n--) {
-      texts.add(string(data).replace(KEYSPACE_MARK, keyspace + "."));
+      texts.add(string(data));
     }
     DriverConfigLoader config =
         DriverConfigLoader.programmaticBuilder()
             .withString(DefaultDriverOption.REQUEST_CONSISTENCY, required(args, "consistency"))
             .withDuration(DefaultDriverOption.REQUEST_TIMEOUT, Duration.ofSeconds(30))
             .withString(DefaultDriverOption.PROTOCOL_VERSION, "V4")
-            .withInt(DefaultDriverOption.CONNECTION_MAX_REQUESTS, Math.max(1024, inFlight))
+            .withInt(DefaultDriverOption.CONNECTION_MAX_REQUESTS, MAX_IN_FLIGHT)
             .build();
+    BufferedReader commands =
+        new BufferedReader(new InputStreamReader(System.in, StandardCharsets.UTF_8));
     try (CqlSession session =
         CqlSession.builder()
             .addContactPoint(
                 new InetSocketAddress(required(args, "host"), Integer.parseInt(required(args, "port"))))
             .withLocalDatacenter(required(args, "dc"))
-            .withKeyspace(keyspace)
             .withConfigLoader(config)
             .build()) {
-      List<PreparedStatement> prepared = new ArrayList<>();
-      for (String text : texts) {
-        prepared.add(session.prepare(text));
-      }
-      System.out.println("ready");
-      System.out.flush();
-      for (Phase phase : phases) {
-        System.out.println("start " + phase.name());
-        System.out.flush();
-        System.out.println("done " + fire(session, prepared, data, phase, inFlight));
-        System.out.flush();
+      say("ready");
+      String line;
+      while ((line = commands.readLine()) != null && !line.strip().equals("quit")) {
+        String[] words = line.strip().split(" ");
+        if (words.length != 5 || !words[0].equals("run")) {
+          throw new IllegalArgumentException("expected: run LABEL KEYSPACE IN_FLIGHT all|logged");
+        }
+        String label = words[1];
+        int inFlight = Integer.parseInt(words[3]);
+        if (inFlight < 1 || inFlight > MAX_IN_FLIGHT) {
+          throw new IllegalArgumentException("in flight: 1.." + MAX_IN_FLIGHT + ", got " + inFlight);
+        }
+        boolean loggedOnly = words[4].equals("logged");
+        List<PreparedStatement> prepared = new ArrayList<>();
+        for (String text : texts) {
+          prepared.add(session.prepare(text.replace(KEYSPACE_MARK, words[2] + ".")));
+        }
+        for (Phase phase : phases) {
+          say("start " + label + " " + phase.name());
+          say("done " + fire(session, prepared, data, phase, label, inFlight, loggedOnly));
+        }
+        say("end " + label);
       }
     }
+  }
+
+  private static void say(String line) {
+    System.out.println(line);
+    System.out.flush();
   }
 
   /** Every batch of the phase, at most inFlight outstanding; a JSON line of what it took. */
   private static String fire(
       CqlSession session, List<PreparedStatement> prepared, ByteBuffer data, Phase phase,
-      int inFlight)
+      String label, int inFlight, boolean loggedOnly)
       throws InterruptedException {
     Semaphore slots = new Semaphore(inFlight);
     AtomicReference<Throwable> failure = new AtomicReference<>();
+    int batches = 0;
     long started = System.nanoTime();
     for (Batch batch : phase.batches()) {
+      if (loggedOnly && batch.type() != LOGGED) {
+        continue;
+      }
+      batches++;
       slots.acquire();
       if (failure.get() != null) {
         slots.release();
@@ -138,13 +161,12 @@ public final class NativeCeiling {
       System.err.println("a batch failed: " + error);
       System.exit(1);
     }
-    int batches = phase.batches().size();
     return String.format(
         Locale.ROOT,
-        "{\"phase\": \"%s\", \"batches\": %d, \"groups\": %d, \"events\": %d, \"trades\": %d,"
+        "{\"run\": \"%s\", \"phase\": \"%s\", \"batches\": %d, \"groups\": %d, \"events\": %d, \"trades\": %d,"
             + " \"in_flight\": %d, \"elapsed_s\": %.6f, \"batches_per_s\": %.1f,"
             + " \"events_per_s\": %.1f, \"trades_per_s\": %.1f}",
-        phase.name(), batches, phase.groups(), phase.events(), phase.trades(), inFlight,
+        label, phase.name(), batches, phase.groups(), phase.events(), phase.trades(), inFlight,
         elapsed, batches / elapsed, phase.events() / elapsed, phase.trades() / elapsed);
   }
 
@@ -173,7 +195,7 @@ public final class NativeCeiling {
     return builder.build();
   }
 
-  private static Phase phase(ByteBuffer data, boolean loggedOnly) {
+  private static Phase phase(ByteBuffer data) {
     String name = string(data);
     long groups = Integer.toUnsignedLong(data.getInt());
     long events = 0;
@@ -185,9 +207,7 @@ public final class NativeCeiling {
       for (int b = Short.toUnsignedInt(data.getShort()); b > 0; b--) {
         int type = data.get();
         int length = data.getInt();
-        if (type == LOGGED || !loggedOnly) {
-          batches.add(new Batch(type, data.position(), length));
-        }
+        batches.add(new Batch(type, data.position(), length));
         data.position(data.position() + length);
       }
     }
@@ -207,9 +227,7 @@ public final class NativeCeiling {
         throw new IllegalArgumentException("unexpected argument: " + argv[i]);
       }
       String key = argv[i].substring(2);
-      if (key.equals("logged-only")) {
-        args.put(key, "true");
-      } else if (i + 1 < argv.length) {
+      if (i + 1 < argv.length) {
         args.put(key, argv[++i]);
       } else {
         throw new IllegalArgumentException("--" + key + ": needs a value");
