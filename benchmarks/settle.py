@@ -170,14 +170,15 @@ async def run_worker(stack: Stack, topics: Sequence[str], *, events: int, trades
             while True:
                 await asyncio.sleep(0.1)
                 worker.check_alive()
-                newly_ready = ready_at is None and await worker.ready()
-                if newly_ready:
+                if ready_at is None and await worker.ready():
                     ready_at, ready_cpu = time.monotonic(), cpu_seconds(worker.pid)
-                remaining = behind(await offsets.committed(group), ends)
-                if newly_ready:
-                    done_at_ready = events - remaining
+                    # Its own count, not committed offsets (they lag by a commit interval):
+                    # the events whose CPU is before ready_cpu.
+                    done_at_ready = int(metric_sum(await worker.metrics(),
+                                                   "settler_events_total"))
                     if on_ready is not None:
                         await on_ready(worker)
+                remaining = behind(await offsets.committed(group), ends)
                 now = time.monotonic()
                 if not timeline or now - worker.started >= timeline[-1][0] + 1:
                     timeline.append((now - worker.started, events - remaining))
