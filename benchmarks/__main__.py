@@ -37,7 +37,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from benchmarks import memory, report
-from benchmarks.ceiling import NativeBuildError, run_ceilings
+from benchmarks.ceiling import NativeBuildError, require_tools, run_ceilings
 from benchmarks.flame import SAMPLE_HZ, run_flame
 from benchmarks.settle import (
     Phases,
@@ -154,6 +154,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{' and '.join(missing)} not running: start the dev stack with "
               "`settler dev up`", file=sys.stderr)
         return 2
+    if args.command is None and args.only in (None, "settle"):
+        try:
+            require_tools()  # now, not after the worker runs
+        except NativeBuildError as exc:
+            print(exc, file=sys.stderr)
+            return 2
     source = worker_source(args.worker_rev)
     baseline = worker_source(args.baseline_rev) if args.baseline_rev else None
     lock = hold_machine()  # noqa: F841 - held until this process exits
@@ -168,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         progress("interrupted; what the run created is removed")
         return 130
     except NativeBuildError as exc:
-        print(f"native ceiling: {exc}", file=sys.stderr)
+        print(exc, file=sys.stderr)
         return 2
 
 

@@ -77,14 +77,18 @@ class Ceilings:
 # -- building the program ------------------------------------------------------------------
 
 
-def native_classpath() -> str:
-    """Compile benchmarks/native/ with Maven when its sources changed; the runtime
-    classpath (its classes and the driver's jars from the local Maven repository)."""
+def require_tools() -> None:
     missing = [tool for tool in ("java", "mvn") if shutil.which(tool) is None]
     if missing:
         raise NativeBuildError(
             f"the native ceiling needs Java 17 and Maven: {' and '.join(missing)} not on PATH "
             "(the dev stack needs them too)")
+
+
+def native_classpath() -> str:
+    """Compile benchmarks/native/ with Maven when its sources changed; the runtime
+    classpath (its classes and the driver's jars from the local Maven repository)."""
+    require_tools()
     target = NATIVE / "target"
     classpath_file = target / "classpath.txt"
     stamp = target / "built.stamp"  # Maven leaves an unchanged classpath.txt as it was
