@@ -204,7 +204,8 @@ async def _run(args: argparse.Namespace, sizes: Sizes, stack: Stack, command: st
         provenance = (f"Measured {time.strftime('%Y-%m-%d %H:%M')} by `{command}` (repo root, "
                       f"`.venv`); worker: {worker}.")
         for name, body in await _settle_and_replay(stack, registry, sizes, parts, command,
-                                                   provenance, source, baseline):
+                                                   provenance, source, baseline,
+                                                   plot=not args.no_write):
             _publish(args, {name: body})
         if "memory" in parts:
             progress("== memory: worker RSS against distinct users")
@@ -222,8 +223,8 @@ async def _run(args: argparse.Namespace, sizes: Sizes, stack: Stack, command: st
 
 async def _settle_and_replay(stack: Stack, registry: Registry, sizes: Sizes,
                              parts: Sequence[str], command: str, provenance: str,
-                             source: WorkerSource, baseline_source: WorkerSource | None
-                             ) -> list[tuple[str, str]]:
+                             source: WorkerSource, baseline_source: WorkerSource | None,
+                             *, plot: bool) -> list[tuple[str, str]]:
     if "settle" not in parts and "replay" not in parts:
         return []
     progress(f"== settle: producing {sizes.trades:,} trades and their funding")
@@ -254,7 +255,8 @@ async def _settle_and_replay(stack: Stack, registry: Registry, sizes: Sizes,
             "baseline_rev": baseline_source.describe if baseline_source else None,
             "ceilings": ceilings, "naive": naive, "latency": latency, "command": command,
         })
-        report.plot_settle(worker, ceilings, naive, baseline)
+        if plot:
+            report.plot_settle(worker, ceilings, naive, baseline)
         sections.insert(0, ("settle", report.settle_section(
             inputs, worker, ceilings, naive, latency, provenance, baseline,
             baseline_source.describe if baseline_source else None)))

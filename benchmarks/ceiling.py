@@ -41,7 +41,8 @@ from settler import cql
 from settler.worker.ports import ProductionStore
 
 NATIVE = ROOT / "benchmarks" / "native"
-# The native ceiling is the best of these: more in flight is not faster (see run_ceilings).
+# The native ceiling is the best of these: more in flight is not always faster
+# (see run_ceilings).
 NATIVE_IN_FLIGHT = (16, 64, 256, 1024)
 WARMUP_IN_FLIGHT = 64  # the untimed first run, so that the timed ones find the JIT warm
 MAGIC = b"SETTLERCEIL1"
@@ -284,8 +285,8 @@ async def run_ceilings(stack: Stack, inputs: Inputs, *,
 
     Why a sweep rather than one "unbounded" run: every group's batch writes the fee
     account's rows (and the most active users' rows), so a thousand batches in flight
-    contend on the same few partitions; in trial runs here 1024 in flight gave about half
-    the trades/s of 16-128, with Cassandra spending more CPU per event."""
+    contend on the same few partitions; in trial runs on the shared machine 1024 in flight
+    was at times slower than 64-256 (once about half), at times the best."""
     classpath = await asyncio.to_thread(native_classpath)
     settings = stack.settings(await stack.keyspace("ceiling"))
     store = await open_store(settings)

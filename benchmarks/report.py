@@ -294,7 +294,8 @@ untimed one first, so that the timed ones find its JIT warm), each run into a fr
 dropped after it, at several in-flight bounds: the ceiling is the best of them. More in
 flight is not always faster: every batch writes the fee account's rows and most carry the
 most active users', so many batches at once contend on the same few partitions (in trial
-runs here 1024 in flight gave fewer trades/s than 16-256).
+runs on the shared machine 1024 in flight was at times slower than 64-256, at times the
+best).
 
 {_native_table(w, ceilings)}
 
