@@ -16,7 +16,15 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from benchmarks.settle import outcome_count
-from benchmarks.stack import Stack, WorkerProcess, metric_sum, produce, progress, rss_bytes
+from benchmarks.stack import (
+    Stack,
+    WorkerProcess,
+    WorkerSource,
+    metric_sum,
+    produce,
+    progress,
+    rss_bytes,
+)
 from benchmarks.stream import deposit_stream
 from settler.core.registry import Registry
 
@@ -106,7 +114,8 @@ class Budget:
         return [*self.sizes.checkpoints[:-1], self.target]
 
 
-async def run_memory(stack: Stack, registry: Registry, sizes: MemorySizes) -> MemoryResult:
+async def run_memory(stack: Stack, registry: Registry, sizes: MemorySizes,
+                     source: WorkerSource | None = None) -> MemoryResult:
     budget = Budget(sizes)
     produced = min(sizes.fallback, sizes.checkpoints[-1])
     stream = deposit_stream(registry, sizes.checkpoints[-1])
@@ -122,21 +131,22 @@ async def run_memory(stack: Stack, registry: Registry, sizes: MemorySizes) -> Me
                 await produce(stack.bootstrap, topic, stream.records[produced:needed])
                 produced = needed
 
-        await _sample_run(stack, topic, run, budget, n, more_users)
+        await _sample_run(stack, topic, run, budget, n, more_users, source)
         runs.append(run)
     note = budget.note or "every checkpoint reached"
     return MemoryResult(runs, budget.checkpoints, note)
 
 
 async def _sample_run(stack: Stack, topic: str, run: MemoryRun, budget: Budget, index: int,
-                      more_users: Callable[[int], Awaitable[None]]) -> None:
+                      more_users: Callable[[int], Awaitable[None]],
+                      source: WorkerSource | None) -> None:
     """Run a worker over the deposit topic until it settled its target number of users."""
     first = index == 0
-    keyspace = await stack.keyspace(f"memory{index}")
+    keyspace = await stack.keyspace(f"memory{index}", source)
     group = stack.group(f"memory{index}")
     label = "memory-" + run.config.replace(" ", "-")
     worker = WorkerProcess(stack, topics=[topic], keyspace=keyspace, group=group, label=label,
-                           extra_env=run.env)
+                           extra_env=run.env, source=source)
     next_report = time.monotonic() + 15
     try:
         while True:

@@ -24,6 +24,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from benchmarks.ceiling import Ceilings
 from benchmarks.memory import MemoryResult, MemoryRun
 from benchmarks.settle import Inputs, Latency, Phases, Throughput
 from benchmarks.stack import RESULTS, ROOT
@@ -32,7 +33,7 @@ BENCHMARKS_MD = ROOT / "BENCHMARKS.md"
 SETTLE_PNG = ROOT / "benchmarks" / "settle_throughput.png"
 MEMORY_PNG = ROOT / "benchmarks" / "memory.png"
 # Our sections, in the order they take in the file (before anyone else's).
-ORDER = ("machine", "settle", "replay", "memory", "optimizations")
+ORDER = ("machine", "settle", "replay", "memory", "optimizations", "flame")
 
 
 # -- the file ------------------------------------------------------------------------------
@@ -93,6 +94,7 @@ def write_sections(sections: dict[str, str]) -> None:
         if name in sections:
             text = replace_block(text, name, reflow(sections[name]))
     text = replace_block(text, "optimizations", OPTIMIZATIONS, keep_existing=True)
+    text = replace_block(text, "flame", FLAME, keep_existing=True)
     BENCHMARKS_MD.write_text(text.rstrip("\n") + "\n")
 
 
@@ -147,6 +149,10 @@ def ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x" if b else "n/a"
 
 
+def us(microseconds: float) -> str:
+    return "n/a" if math.isnan(microseconds) else f"{microseconds:,.0f} µs"
+
+
 # -- sections ------------------------------------------------------------------------------
 
 
@@ -171,26 +177,53 @@ def _cpu_cells(run: Throughput) -> list[str]:
     return [pct(run.cpu[key]) for key in ("settler", "cassandra", "kafka", "other")]
 
 
-def settle_section(inputs: Inputs, worker: Phases, ceiling: Phases, naive: Phases,
-                   latency: Latency | None, provenance: str) -> str:
+def _run_row(name: str, phases: Phases, startup: str) -> list[str]:
+    t = phases.trades
+    return [name, n(t.trades), f"{t.wall_s:.1f}", f"**{n(t.trades_per_s)}**",
+            n(phases.funding.events_per_s), n(phases.events_per_s), startup,
+            pct(t.cpu["settler"]), f"**{us(t.cpu_us_per_event)}**", pct(t.cpu["cassandra"]),
+            us(t.db_us_per_event), pct(t.cpu["kafka"]), pct(t.cpu["other"])]
+
+
+RUN_HEADER = ["run", "trades", "wall (s)", "trades/s", "funding events/s",
+              "events/s, whole stream", "start-up (s)", "CPU settling process",
+              "settling process CPU per event", "CPU Cassandra", "Cassandra CPU per event",
+              "CPU Kafka", "CPU other processes"]
+
+
+WORKER_CPU_TARGET_US = 80  # issue 11: worker CPU per settled event
+NATIVE_SHARE_TARGET = 0.70  # issue 11: worker trades/s as a share of the native ceiling's
+
+
+def settle_section(inputs: Inputs, worker: Phases, ceilings: Ceilings, naive: Phases,
+                   latency: Latency | None, provenance: str, baseline: Phases | None = None,
+                   baseline_name: str | None = None) -> str:
     stream = inputs.stream
-    w, c, nv = worker.trades, ceiling.trades, naive.trades
-    in_flight = c.notes["in_flight"]
-    plan_us = c.notes["plan_us_per_event"]
-    rows = [
-        ["worker: `settler run`, defaults, end to end", n(w.trades), f"{w.wall_s:.1f}",
-         f"**{n(w.trades_per_s)}**", n(worker.funding.events_per_s), n(worker.events_per_s),
-         f"{w.startup_s:.1f}", *_cpu_cells(w)],
-        [f"ceiling: same batches, driver `execute_concurrent`, {in_flight} in flight",
-         n(c.trades), f"{c.wall_s:.1f}", f"**{n(c.trades_per_s)}**",
-         n(ceiling.funding.events_per_s), n(ceiling.events_per_s), "-", *_cpu_cells(c)],
-        ["naive loop: one record, one batch, one commit (subset)", n(nv.trades),
-         f"{nv.wall_s:.1f}", f"**{n(nv.trades_per_s)}**", n(naive.funding.events_per_s),
-         n(naive.events_per_s), "-", *_cpu_cells(nv)],
+    w, nv = worker.trades, naive.trades
+    native, driver = ceilings.native.trades, ceilings.driver.trades
+    rows = [_run_row("worker: `settler run`, defaults, end to end", worker,
+                     f"{w.startup_s:.1f}")]
+    if baseline is not None:
+        rows.append(_run_row(f"baseline worker: {baseline_name}, same stream, right after",
+                             baseline, f"{baseline.trades.startup_s:.1f}"))
+    rows += [
+        _run_row(f"native ceiling: the worker's claims + LOGGED batches, Java driver, "
+                 f"{native.notes['in_flight']} in flight (the best bound)", ceilings.native,
+                 "-"),
+        _run_row(f"native ceiling, LOGGED batches only, "
+                 f"{ceilings.native_logged.trades.notes['in_flight']} in flight",
+                 ceilings.native_logged, "-"),
+        _run_row(f"driver ceiling: the same batches, Python driver `execute_concurrent`, "
+                 f"{driver.notes['in_flight']} in flight", ceilings.driver, "-"),
+        _run_row("naive loop: one record, one claims write, one batch, one commit (subset)",
+                 naive, "-"),
     ]
-    runs_table = table(["run", "trades", "wall (s)", "trades/s", "funding events/s",
-                        "events/s, whole stream", "start-up (s)", "CPU settling process",
-                        "CPU Cassandra", "CPU Kafka", "CPU other processes"], rows)
+    ratios = [f"worker / native ceiling = {ratio(w.trades_per_s, native.trades_per_s)}",
+              f"worker / driver ceiling = {ratio(w.trades_per_s, driver.trades_per_s)}",
+              f"worker / naive = {ratio(w.trades_per_s, nv.trades_per_s)}"]
+    if baseline is not None:
+        ratios.insert(0, f"worker / baseline = "
+                         f"{ratio(w.trades_per_s, baseline.trades.trades_per_s)}")
     outcomes = w.notes["outcomes"]
     text = f"""## Settlement throughput
 
@@ -201,33 +234,28 @@ records, 3 partitions, keyed by symbol): that is the timed trade phase. Kept apa
 across partitions a trade can otherwise be read before the freeze that funds it, and every
 such row would be counted and logged as a balance anomaly, which is not the workload.
 
-{runs_table}
+{table(RUN_HEADER, rows)}
 
 CPU is percent of one core over the timed span (utime+stime from `/proc/PID/stat`; the
-settling process is the worker subprocess, or this harness for the ceiling and the naive
-loop; "other" is the rest of the machine's busy time from `/proc/stat`).
+settling process is the worker subprocess, the Java program for the native ceiling, or this
+harness for the driver ceiling and the naive loop; "other" is the rest of the machine's
+busy time from `/proc/stat`). Per event: see "Per-event cost" below.
 
-- **worker / ceiling = {ratio(w.trades_per_s, c.trades_per_s)}**, **worker / naive =
-  {ratio(w.trades_per_s, nv.trades_per_s)}** (trades/s of the trade phase).
+- {"; ".join(f"**{r}**" for r in ratios)} (trades/s of the trade phase).
 - Worker: wall time runs from process start until the group's committed offsets reach the
-  end of every partition (polled every 0.1 s; commits every 500 ms), start-up included;
-  start-up alone (process start until `/readyz` answers 200: imports, CQL connect, lease,
-  group join) was {w.startup_s:.1f} s, so {n(w.steady_events_per_s)} trades/s after it.
-  Outcomes: {n(outcomes["settled"])} settled, {n(w.notes["anomalies"])} balance anomalies,
+  end of every partition (polled every 0.1 s), start-up included; start-up alone (process
+  start until `/readyz` answers 200: imports, CQL connect, lease, group join) was
+  {w.startup_s:.1f} s, so {n(w.steady_events_per_s)} trades/s after it. Outcomes:
+  {n(outcomes["settled"])} settled, {n(w.notes["anomalies"])} balance anomalies,
   {n(w.notes["retries"])} retries; batch latency p50 {ms(w.notes["batch_p50_s"])}, p99
   {ms(w.notes["batch_p99_s"])} (`settler_batch_seconds`; a backlog keeps the pipeline full).
-- Ceiling: every record decoded and planned with `Ledger.plan` (all users pre-added as
-  empty) and built with `SettlementDb.settlement_batch` before timing (that build costs
-  {plan_us:.0f} µs per event on one core: a bound of {n(1e6 / plan_us)} events/s for
-  planning alone), then only `execute_concurrent` with {in_flight} batches outstanding is
-  timed: no Kafka, no decoding, no asyncio. 512 and 1024 in flight gave the same rate in a
-  trial run.
-- Naive loop: aiokafka consumer, per record `decode` -> load unseen users -> duplicate
-  check of its id -> `Ledger.plan` -> await its one batch -> commit its one offset. Slow, so
-  it runs on a smaller stream of the same shape: {n(naive.funding.events)} funding events
-  and {n(nv.trades)} trades.
-{_observations(worker, ceiling)}
-"""
+- Naive loop: aiokafka consumer, per record `decode` -> load unseen users -> claims of its
+  id -> `Ledger.plan` and `seal` -> await its claims batch, then its one LOGGED batch ->
+  commit its one offset. Slow, so it runs on a smaller stream of the same shape:
+  {n(naive.funding.events)} funding events and {n(nv.trades)} trades.
+{_observations(worker, ceilings)}
+{native_section(worker, ceilings)}
+{cost_section(worker, ceilings, naive, baseline, baseline_name)}"""
     if latency is not None:
         text += latency_section(latency, w)
     text += f"""
@@ -239,9 +267,110 @@ loop; "other" is the rest of the machine's busy time from `/proc/stat`).
     return text
 
 
-def _observations(worker: Phases, ceiling: Phases) -> str:
+def native_section(worker: Phases, ceilings: Ceilings) -> str:
+    w = worker.trades
+    native = ceilings.native.trades
+    planned = ceilings.planned
+    share = w.trades_per_s / native.trades_per_s if native.trades_per_s else 0.0
+    verdict = "met" if share >= NATIVE_SHARE_TARGET else "not met"
+    return f"""### The native ceiling
+
+What the database does with the worker's own writes when the client costs almost nothing.
+The stream is planned once, offline, into the worker's own groups: records in the order the
+worker's fetches bring them (up to {n(planned["fetch_records"])} of one partition at a
+time), the real `Ledger.plan` (every user pre-added as empty: the keyspace is fresh), groups
+sealed at {planned["batch_events"]} events, at the worker's estimated byte bound
+({n(planned["batch_max_bytes"])} bytes, derived from the server as the worker derives it)
+or at the end of a fetch ({planned["events_per_group"]:.1f} events per group on average),
+and each group's UNLOGGED claims batch and ONE LOGGED batch built by the real
+`SettlementDb` ({planned["plan_us_per_event"]:.0f} µs per event in Python, not timed). A
+small Java program (`benchmarks/native/`, the Apache Cassandra Java driver 4.x from Maven
+Central, protocol v4, one connection) reads them from a dump holding each value serialized
+exactly as the Python driver would send it (every statement carries its own `USING
+TIMESTAMP` value), prepares the statements once, and fires the batches with a
+bounded number in flight: no Kafka, no decoding, no
+reads (the worker's loads of users and claims are not in it). One JVM does every run (an
+untimed one first, so that the timed ones find its JIT warm), each run into a fresh keyspace
+dropped after it, at several in-flight bounds: the ceiling is the best of them. More in
+flight is not always faster: every batch writes the fee account's rows and most carry the
+most active users', so many batches at once contend on the same few partitions (in trial
+runs on the shared machine 1024 in flight was at times slower than 64-256, at times the
+best).
+
+{_native_table(w, ceilings)}
+
+Target of issue 11: the worker at >= {NATIVE_SHARE_TARGET:.0%} of the native ceiling's
+trades/s (claims + LOGGED, the same database work as the worker's): {share:.0%}, {verdict}.
+Reproduce: `python -m benchmarks --only settle` (Java 17 and Maven on PATH; the program is
+built with `mvn package` into `benchmarks/native/target/` on first use).
+"""
+
+
+def _native_table(w: Throughput, ceilings: Ceilings) -> str:
+    best = ceilings.native.trades
+    rows = []
+    for phases in ceilings.native_sweep:
+        run = phases.trades
+        mark = "**" if run is best else ""
+        rows.append([f"claims + LOGGED (the worker's writes), {run.notes['in_flight']} in flight",
+                     n(run.notes["batches"]), n(run.notes["batches_per_s"]),
+                     f"{mark}{n(run.trades_per_s)}{mark}", pct(run.cpu["settler"]),
+                     pct(run.cpu["cassandra"]), us(run.db_us_per_event),
+                     f"{mark}{ratio(w.trades_per_s, run.trades_per_s)}{mark}"])
+    logged, driver = ceilings.native_logged.trades, ceilings.driver.trades
+    rows.append([f"LOGGED batches only, {logged.notes['in_flight']} in flight",
+                 n(logged.notes["batches"]), n(logged.notes["batches_per_s"]),
+                 n(logged.trades_per_s), pct(logged.cpu["settler"]),
+                 pct(logged.cpu["cassandra"]), us(logged.db_us_per_event),
+                 ratio(w.trades_per_s, logged.trades_per_s)])
+    rows.append([f"claims + LOGGED, Python driver, {driver.notes['in_flight']} in flight",
+                 n(driver.notes["batches"]), n(driver.notes["batches"] / driver.wall_s),
+                 n(driver.trades_per_s), f"({pct(driver.cpu['settler'])} Python)",
+                 pct(driver.cpu["cassandra"]), us(driver.db_us_per_event),
+                 ratio(w.trades_per_s, driver.trades_per_s)])
+    return table(["run", "batches", "batches/s", "trades/s", "CPU client", "CPU Cassandra",
+                  "Cassandra CPU per event", "worker / it"], rows)
+
+
+def cost_section(worker: Phases, ceilings: Ceilings, naive: Phases, baseline: Phases | None,
+                 baseline_name: str | None) -> str:
+    w = worker.trades
+    runs: list[tuple[str, Throughput]] = [("worker", w)]
+    if baseline is not None:
+        runs.append((f"baseline worker ({baseline_name})", baseline.trades))
+    runs += [(f"native ceiling (Java process, {ceilings.native.trades.notes['in_flight']} "
+              "in flight)", ceilings.native.trades),
+             ("driver ceiling (Python process)", ceilings.driver.trades),
+             ("naive loop (Python process)", naive.trades)]
+    rows = [[name, n(run.trades_per_s), f"**{us(run.cpu_us_per_event)}**",
+             us(run.db_us_per_event), pct(run.cpu["settler"]), pct(run.cpu["cassandra"])]
+            for name, run in runs]
+    verdict = "met" if w.cpu_us_per_event <= WORKER_CPU_TARGET_US else "not met"
+    against = ""
+    if baseline is not None:
+        against = (f" The baseline worker spent {us(baseline.trades.cpu_us_per_event)} per "
+                   f"event on the same stream, right after: the worker spends "
+                   f"{ratio(w.cpu_us_per_event, baseline.trades.cpu_us_per_event)} of that.")
+    return f"""### Per-event cost
+
+CPU time (utime+stime of the process from `/proc/PID/stat`) per settled event of the trade
+phase. The worker's is counted from the moment it answers `/readyz` (imports, connecting
+and joining the group are not a per-event cost) to the moment its committed offsets reach
+the end; Cassandra's over the whole timed span of each run.
+
+{table(["run", "trades/s", "settling process CPU per event", "Cassandra CPU per event",
+        "CPU settling process", "CPU Cassandra"], rows)}
+
+Target of issue 11: worker CPU per event <= {WORKER_CPU_TARGET_US} µs:
+{us(w.cpu_us_per_event)}, {verdict}.{against} Reproduce: `python -m benchmarks --only settle`
+(this table), `python -m benchmarks settle --worker-env ...` (per setting), `python -m
+benchmarks.ab --a-rev REV --b-rev HEAD` (interleaved A/B of two revisions or settings).
+"""
+
+
+def _observations(worker: Phases, ceilings: Ceilings) -> str:
     """What the CPU split says, in words (fixed thresholds, not judgement calls)."""
-    w, c = worker.trades, ceiling.trades
+    w, c = worker.trades, ceilings.driver.trades
     cores = os.cpu_count() or 1
     busy = w.cpu["machine"] / cores
     own, db = w.cpu["settler"], w.cpu["cassandra"]
@@ -264,10 +393,11 @@ def _observations(worker: Phases, ceiling: Phases) -> str:
         lines.append(f"Pace within the trade phase, from committed offsets: {n(early)} trades/s "
                      f"in its first quarter after start-up, {n(late)} in its last{trend}.")
     if c.cpu["settler"] >= 75:
-        lines.append(f"The ceiling is the Python driver's own limit as much as Cassandra's: "
-                     f"its process ran at {pct(c.cpu['settler'])} of a core (statement "
-                     f"encoding and callbacks) with Cassandra at {pct(c.cpu['cassandra'])}.")
-    for run in (w, c):
+        lines.append(f"The driver ceiling is the Python driver's own limit as much as "
+                     f"Cassandra's: its process ran at {pct(c.cpu['settler'])} of a core "
+                     f"(statement encoding and callbacks) with Cassandra at "
+                     f"{pct(c.cpu['cassandra'])}.")
+    for run in (w, ceilings.native.trades, c):
         if run.cpu["other"] >= 15:
             names = "; ".join(f"`{cmd}` {pct(used)}"
                               for cmd, used in run.notes.get("other_processes", []))
@@ -433,16 +563,43 @@ Filled in by hand.
     left=2) + "\n"
 
 
+FLAME = """## Flame graphs
+
+Where the worker's CPU goes during the settle benchmark's trade phase: `py-spy record`
+attached to `settler run` from the moment it answers `/readyz` until its committed offsets
+reach the end of the trade topic, sampling at 100 Hz (on this 2-core machine the worker,
+both JVMs and py-spy share the cores; py-spy briefly stops the process for each sample, so
+a higher rate would slow the worker it measures). Open the SVGs in a browser: they are
+interactive (click to zoom, Ctrl-F to search).
+
+- Before (commit 4fe555f, the last before the writer redesign):
+  [benchmarks/flame-before.svg](benchmarks/flame-before.svg), to be measured.
+- After (the working tree): [benchmarks/flame-after.svg](benchmarks/flame-after.svg), to be
+  measured.
+
+Reproduce (200,000 trades each, or `--trades N`):
+
+    python -m benchmarks flame --worker-rev 4fe555f --label before
+    python -m benchmarks flame --label after
+"""
+
+
 # -- plots ---------------------------------------------------------------------------------
 
 
-def plot_settle(worker: Phases, ceiling: Phases, naive: Phases, path: Path = SETTLE_PNG
-                ) -> None:
-    runs = [("worker", worker.trades), ("ceiling", ceiling.trades), ("naive", naive.trades)]
-    fig, (rate_ax, cpu_ax, pace_ax) = plt.subplots(1, 3, figsize=(15, 4.2))
+def plot_settle(worker: Phases, ceilings: Ceilings, naive: Phases,
+                baseline: Phases | None = None, path: Path = SETTLE_PNG) -> None:
+    runs = [("worker", worker.trades)]
+    if baseline is not None:
+        runs.append(("baseline", baseline.trades))
+    runs += [("native\nceiling", ceilings.native.trades),
+             ("native\nLOGGED only", ceilings.native_logged.trades),
+             ("driver\nceiling", ceilings.driver.trades), ("naive", naive.trades)]
+    colors = {"worker": "#3b75af", "baseline": "#9bbbd9", "naive": "#c44e52"}
+    fig, (rate_ax, cpu_ax, pace_ax) = plt.subplots(1, 3, figsize=(17, 4.6))
     names = [name for name, _ in runs]
     rates = [run.trades_per_s for _, run in runs]
-    bars = rate_ax.bar(names, rates, color=["#3b75af", "#888888", "#c44e52"])
+    bars = rate_ax.bar(names, rates, color=[colors.get(name, "#888888") for name in names])
     rate_ax.bar_label(bars, labels=[n(r) for r in rates])
     rate_ax.set_ylabel("trades/s (trade phase)")
     rate_ax.set_title("Settlement throughput")
@@ -463,8 +620,8 @@ def plot_settle(worker: Phases, ceiling: Phases, naive: Phases, path: Path = SET
     points = [(t1, (d1 - d0) / (t1 - t0)) for (t0, d0), (t1, d1)
               in zip(timeline[::step], timeline[step::step], strict=False) if t1 > t0]
     pace_ax.plot([t for t, _ in points], [r for _, r in points], color="#3b75af")
-    pace_ax.axhline(ceiling.trades.trades_per_s, color="#888888", linestyle="--",
-                    label="ceiling (mean)")
+    pace_ax.axhline(ceilings.native.trades.trades_per_s, color="#888888", linestyle="--",
+                    label="native ceiling (mean)")
     pace_ax.set_ylim(bottom=0)
     pace_ax.set_xlim(left=0)
     pace_ax.set_xlabel("seconds since worker start")

@@ -4,10 +4,11 @@
 
 On one node every replica is the coordinator, so token awareness cannot save a network
 hop here; what it can cost is client CPU (the routing key and token of every statement).
-The same LOGGED batches as the ceiling (one per event, 10,000 trades and their funding)
-are executed with the driver's `execute_concurrent` at 512 in flight, into a fresh
-keyspace per run, alternating the two policies (A B A B) in one invocation. Reported:
-batches/s and this process's CPU time per batch (driver encoding, routing, I/O thread).
+The same batches as the driver ceiling (the worker's groups of 10,000 trades and their
+funding: per group its claims batch and its LOGGED batch) are executed with the driver's
+`execute_concurrent` at 512 in flight, into a fresh keyspace per run, alternating the two
+policies (A B A B) in one invocation. Reported: batches/s and this process's CPU time per
+batch (driver encoding, routing, I/O thread).
 """
 
 from __future__ import annotations
@@ -16,11 +17,16 @@ import asyncio
 import time
 from typing import Any
 
-from benchmarks.settle import CEILING_IN_FLIGHT, _execute_all, plan_all, prepare
+from benchmarks.settle import (
+    CEILING_IN_FLIGHT,
+    _execute_all,
+    open_store,
+    plan_inputs,
+    prepare,
+)
 from benchmarks.stack import Stack, hold_machine, progress
 from settler.core.registry import load_registry
 from settler.store import cql
-from settler.store.db import SettlementDb
 
 TRADES = 10_000
 ROUNDS = 2
@@ -34,19 +40,21 @@ async def run_one(stack: Stack, inputs: Any, token_aware: bool, n: int) -> tuple
         # make_cluster wraps its policy in TokenAwarePolicy; here it gets the child alone.
         setattr(cql, "TokenAwarePolicy", lambda child: child)  # noqa: B010
     try:
-        db = await SettlementDb.open(settings)
+        store = await open_store(settings)
     finally:
         setattr(cql, "TokenAwarePolicy", original)  # noqa: B010
     try:
-        policy = type(db.session.cluster.profile_manager.default.load_balancing_policy).__name__
-        registry = load_registry(settings.registry)
-        planned = await asyncio.to_thread(plan_all, db, registry, inputs)
+        profile = store.session.cluster.profile_manager.default
+        policy = type(profile.load_balancing_policy).__name__
+        planned = await plan_inputs(store, settings, inputs)
+        batches = [batch for groups in planned.phases.values() for group in groups
+                   for batch in (group.claims, group.settlement)]
         cpu, wall = time.process_time(), time.perf_counter()
-        landed = await asyncio.to_thread(_execute_all, db, planned.batches, CEILING_IN_FLIGHT)
+        landed = await asyncio.to_thread(_execute_all, store, batches, CEILING_IN_FLIGHT)
         cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
-        assert landed == len(planned.batches)
+        assert landed == len(batches)
     finally:
-        await db.close()
+        await store.close()
     progress(f"  {policy}: {landed / wall:,.0f} batches/s, {1e6 * cpu / landed:.0f} µs CPU "
              "per batch")
     return landed / wall, 1e6 * cpu / landed
@@ -65,7 +73,7 @@ async def main() -> None:
         await stack.cleanup()
     base_rate = max(r for r, _ in results[False])
     base_cpu = min(c for _, c in results[False])
-    print(f"\n{inputs.stream.events:,} batches per run, {CEILING_IN_FLIGHT} in flight; "
+    print(f"\n{inputs.stream.events:,} events per run, {CEILING_IN_FLIGHT} in flight; "
           f"best of {ROUNDS} runs per policy\n")
     print("| policy | batches/s | client CPU per batch | rate vs round robin | "
           "CPU vs round robin |")

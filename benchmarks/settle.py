@@ -1,8 +1,10 @@
-"""Settlement throughput: the worker end to end, the driver's ceiling for the same batches,
-a naive one-record-at-a-time loop, replay of a settled topic, and produce->settled latency.
+"""Settlement throughput: the worker end to end, the Python driver's ceiling for the same
+batches, a naive one-record-at-a-time loop, replay of a settled topic, and produce->settled
+latency. The native (Java) ceiling is in benchmarks/ceiling.py.
 
-The worker is only ever a black box (`python -m settler run`, SETTLER_* environment); the
-ceiling and the naive loop are built here from the library pieces (Ledger, SettlementDb).
+The worker is only ever a black box (`python -m settler run`, SETTLER_* environment, of the
+working tree or of a git revision); the ceilings and the naive loop are built here from the
+working tree's library pieces (Ledger, SettlementDb), whatever revision the worker runs.
 Funding (deposits and freezes) sits on a topic of its own and is settled first, so the
 timed trade phase never sees a trade before the freeze that funds it (across partitions it
 could, and every such trade would be counted and logged as a balance anomaly).
@@ -11,7 +13,7 @@ could, and every such trade would be counted and logged as a balance anomaly).
 from __future__ import annotations
 
 import asyncio
-import inspect
+import math
 import os
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -21,12 +23,15 @@ from typing import Any
 from aiokafka import TopicPartition
 from cassandra.concurrent import execute_concurrent
 
+from benchmarks.plan import Planned, batch_bound, plan_stream
 from benchmarks.stack import (
     CpuMeter,
     Offsets,
     Stack,
     WorkerProcess,
+    WorkerSource,
     behind,
+    cpu_seconds,
     end_offsets,
     metric_sum,
     produce,
@@ -36,10 +41,12 @@ from benchmarks.stack import (
 )
 from benchmarks.stream import Stream, TradeShape, trade_stream
 from settler import kafka
-from settler.core.events import Event, Rejected, decode
+from settler.config import Settings
+from settler.core.events import Rejected, decode
 from settler.core.ledger import Ledger, Position, Write
 from settler.core.registry import Registry, load_registry
-from settler.store.db import SettlementDb, id_bucket
+from settler.store.db import id_bucket
+from settler.worker.ports import ProductionStore
 
 CEILING_IN_FLIGHT = 512
 
@@ -54,6 +61,9 @@ class Throughput:
     wall_s: float
     cpu: dict[str, float]  # percent of one core over the timed span
     startup_s: float = 0.0  # worker only: process start -> /readyz answers 200
+    # CPU (utime+stime) of the settling process per event: for the worker, from /readyz
+    # to the end over the events settled meanwhile (its start-up is not per-event cost).
+    cpu_us_per_event: float = math.nan
     notes: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -69,10 +79,16 @@ class Throughput:
         """Events per second once the worker answered ready."""
         return self.events / max(1e-9, self.wall_s - self.startup_s)
 
+    @property
+    def db_us_per_event(self) -> float:
+        """Cassandra's CPU per event over the timed span."""
+        return 1e6 * self.cpu["cassandra"] / 100 * self.wall_s / max(1, self.events)
+
     def as_json(self) -> dict[str, Any]:
         return {**asdict(self), "events_per_s": self.events_per_s,
                 "trades_per_s": self.trades_per_s,
-                "steady_events_per_s": self.steady_events_per_s}
+                "steady_events_per_s": self.steady_events_per_s,
+                "db_us_per_event": self.db_us_per_event}
 
 
 @dataclass
@@ -102,6 +118,13 @@ class Inputs:
     trades_topic: str
     positions: list[Position]  # of every record of the stream, in stream order
 
+    @property
+    def topics(self) -> dict[str, tuple[list[Any], list[Position]]]:
+        """Each phase's records and their positions: funding, then trades."""
+        stream, funding = self.stream, self.stream.funding
+        return {"funding": (stream.funding_records, self.positions[:funding]),
+                "trades": (stream.trade_records, self.positions[funding:])}
+
 
 async def prepare(stack: Stack, registry: Registry, trades: int, label: str = "settle"
                   ) -> Inputs:
@@ -125,17 +148,22 @@ async def prepare(stack: Stack, registry: Registry, trades: int, label: str = "s
 async def run_worker(stack: Stack, topics: Sequence[str], *, events: int, trades: int,
                      keyspace: str, group: str, name: str,
                      extra_env: Mapping[str, str] | None = None,
+                     source: WorkerSource | None = None,
+                     on_ready: Callable[[WorkerProcess], Awaitable[None]] | None = None,
+                     before_stop: Callable[[], Awaitable[None]] | None = None,
                      timeout_s: float = 1800) -> Throughput:
     """Start `settler run` on topics already holding `events` records it has not committed;
     time it from process start until the group's committed offsets reach the end of every
-    partition."""
+    partition. `on_ready` runs once the worker answers /readyz (e.g. to attach a profiler),
+    `before_stop` once it caught up, before it is stopped."""
     ends = await end_offsets(stack.bootstrap, topics)
     async with Offsets(stack.bootstrap) as offsets:
         worker = WorkerProcess(stack, topics=topics, keyspace=keyspace, group=group,
-                               label=name, extra_env=extra_env)
+                               label=name, extra_env=extra_env, source=source)
         meter = CpuMeter(worker.pid)
         meter.start(from_zero=True)
         ready_at: float | None = None
+        ready_cpu, done_at_ready = 0.0, 0
         next_report = time.monotonic() + 10
         timeline: list[tuple[float, int]] = []  # (s since start, records committed)
         try:
@@ -143,7 +171,13 @@ async def run_worker(stack: Stack, topics: Sequence[str], *, events: int, trades
                 await asyncio.sleep(0.1)
                 worker.check_alive()
                 if ready_at is None and await worker.ready():
-                    ready_at = time.monotonic()
+                    ready_at, ready_cpu = time.monotonic(), cpu_seconds(worker.pid)
+                    # Its own count, not committed offsets (they lag by a commit interval):
+                    # the events whose CPU is before ready_cpu.
+                    done_at_ready = int(metric_sum(await worker.metrics(),
+                                                   "settler_events_total"))
+                    if on_ready is not None:
+                        await on_ready(worker)
                 remaining = behind(await offsets.committed(group), ends)
                 now = time.monotonic()
                 if not timeline or now - worker.started >= timeline[-1][0] + 1:
@@ -157,27 +191,35 @@ async def run_worker(stack: Stack, topics: Sequence[str], *, events: int, trades
                     progress(f"  {name}: {done:,}/{events:,} committed "
                              f"({done / (now - worker.started):,.0f} events/s so far)")
                     next_report = now + 10
+            end_cpu = cpu_seconds(worker.pid)
             cpu = meter.stop()
             samples = await worker.metrics()
+            if before_stop is not None:
+                await before_stop()
         finally:
             code = worker.stop()
     wall = cpu.pop("wall_s")
     startup = (ready_at or worker.started) - worker.started
-    result = Throughput(name, events, trades, wall, cpu, startup, notes={
+    steady_events = events - done_at_ready
+    per_event = 1e6 * (end_cpu - ready_cpu) / steady_events if steady_events else math.nan
+    result = Throughput(name, events, trades, wall, cpu, startup, per_event, notes={
         "outcomes": {outcome: outcome_count(samples, outcome)
                      for outcome in ("settled", "duplicate", "invalid", "conflict")},
         "exit_code": code, "extra_env": dict(extra_env or {}),
+        "worker": source.describe if source else "the working tree",
         "anomalies": metric_sum(samples, "settler_balance_anomalies_total"),
         "retries": metric_sum(samples, "settler_retries_total"),
         "batch_p50_s": histogram_quantile(samples, "settler_batch_seconds", 0.5),
         "batch_p99_s": histogram_quantile(samples, "settler_batch_seconds", 0.99),
+        "cpu_startup_s": ready_cpu, "events_before_ready": done_at_ready,
         "log": str(worker.log_path),
         "timeline": timeline,
         "other_processes": meter.top_others,
     })
     progress(f"  {name}: {result.events_per_s:,.0f} events/s, {result.trades_per_s:,.0f} "
              f"trades/s over {wall:.1f}s (start-up {startup:.1f}s); CPU: worker "
-             f"{cpu['settler']:.0f}%, cassandra {cpu['cassandra']:.0f}%, kafka "
+             f"{cpu['settler']:.0f}% ({per_event:.0f} µs/event), cassandra "
+             f"{cpu['cassandra']:.0f}% ({result.db_us_per_event:.0f} µs/event), kafka "
              f"{cpu['kafka']:.0f}%, other processes {cpu['other']:.0f}%")
     return result
 
@@ -189,114 +231,96 @@ def outcome_count(samples: Mapping[str, float], outcome: str) -> float:
 
 
 async def run_worker_phases(stack: Stack, inputs: Inputs, label: str,
-                            extra_env: Mapping[str, str] | None = None) -> tuple[Phases, str]:
-    """Settle the funding topic, then time the trades topic, in a fresh keyspace and group.
-    Returns the two runs and the keyspace (replay reuses it)."""
-    keyspace = await stack.keyspace(label)
+                            extra_env: Mapping[str, str] | None = None,
+                            source: WorkerSource | None = None,
+                            **hooks: Any) -> tuple[Phases, str]:
+    """Settle the funding topic, then time the trades topic, in a fresh keyspace (with the
+    schema of the worker's revision) and group. Returns the two runs and the keyspace
+    (replay reuses it). `hooks` (on_ready, before_stop) apply to the trade phase."""
+    keyspace = await stack.keyspace(label, source)
     group = stack.group(label)
     stream = inputs.stream
     funding = await run_worker(stack, [inputs.funding_topic], events=stream.funding, trades=0,
                                keyspace=keyspace, group=group, name=f"{label}-funding",
-                               extra_env=extra_env)
+                               extra_env=extra_env, source=source)
     trades = await run_worker(stack, [inputs.trades_topic], events=stream.trades,
                               trades=stream.trades, keyspace=keyspace, group=group,
-                              name=label, extra_env=extra_env)
+                              name=label, extra_env=extra_env, source=source, **hooks)
     return Phases(funding, trades), keyspace
 
 
-async def run_replay(stack: Stack, inputs: Inputs, keyspace: str) -> Throughput:
+async def run_replay(stack: Stack, inputs: Inputs, keyspace: str,
+                     source: WorkerSource | None = None) -> Throughput:
     """Both topics again, already settled into `keyspace`, under a new consumer group."""
     return await run_worker(
         stack, [inputs.funding_topic, inputs.trades_topic],
         events=inputs.stream.events, trades=inputs.stream.trades, keyspace=keyspace,
-        group=stack.group("replay"), name="replay",
+        group=stack.group("replay"), name="replay", source=source,
     )
 
 
-# -- the ceiling: the same LOGGED batches straight from memory -----------------------------
+# -- the driver ceiling: the worker's batches straight from memory -------------------------
 
 
-def event_batch(db: SettlementDb, write: Write, fee_account: int, timestamp: int) -> Any:
-    """The one LOGGED batch of one event, whichever signature settlement_batch has: the
-    first cut takes one event's parts, a coalescing one a list of writes."""
-    build: Any = db.settlement_batch
-    if "writes" in inspect.signature(build).parameters:
-        return build([write], fee_account=fee_account, timestamp=timestamp)
-    return build(write.event, rows=write.rows, digest=write.digest, source=str(write.position),
-                 cost=write.cost, fee_account=fee_account, timestamp=timestamp)
+async def plan_inputs(store: ProductionStore, settings: Settings, inputs: Inputs) -> Planned:
+    """The worker's groups of the settle stream, with the worker's default bounds."""
+    registry = load_registry(settings.registry)
+    bound = await batch_bound(store, settings)
+    planned = await asyncio.to_thread(
+        plan_stream, store, registry, inputs.stream, inputs.topics,
+        batch_events=settings.batch_events, batch_max_bytes=bound,
+        fetch_records=settings.fetch_max_records)
+    progress(f"  planned {inputs.stream.events:,} events into {planned.groups:,} groups "
+             f"(<= {planned.batch_events} events, <= {planned.batch_max_bytes:,} estimated "
+             f"bytes, fetches of {planned.fetch_records:,}): {planned.plan_us_per_event:.0f} "
+             "µs per event for decode + Ledger.plan + seal + both batch builders")
+    return planned
 
 
-@dataclass
-class Planned:
-    batches: list[Any]
-    plan_s: float  # Ledger.plan + SettlementDb.settlement_batch over all records
-    users: int
+async def open_store(settings: Settings) -> ProductionStore:
+    """The worker's own SettlementDb (ProductionStore) on a benchmark keyspace."""
+    store = await ProductionStore.open(settings)
+    assert isinstance(store, ProductionStore)
+    return store
 
 
-def plan_all(db: SettlementDb, registry: Registry, inputs: Inputs) -> Planned:
-    """Every record -> its one LOGGED batch, planned in stream order with every user
-    pre-added as empty (the keyspace is fresh), timestamps from a plain µs counter."""
-    events: list[Event] = []
-    for record in inputs.stream.records:
-        event = decode(record.value)
-        assert not isinstance(event, Rejected), event
-        events.append(event)
-    ledger = Ledger(registry, max_rows=10**9, max_ids=10**9)
-    effects = [ledger.effect(event) for event in events]
-    users = ledger.missing_users(e for e in effects if not isinstance(e, Rejected))
-    for user in users:
-        ledger.add_user(user, {})
-    first_ts = time.time_ns() // 1000
-    batches = []
-    started = time.perf_counter()
-    for n, (event, effect, position) in enumerate(zip(events, effects, inputs.positions,
-                                                      strict=True)):
-        write = ledger.plan(event, effect, position)
-        assert isinstance(write, Write), write
-        batches.append(event_batch(db, write, registry.fee_account, first_ts + n))
-        ledger.landed(write)
-    return Planned(batches, time.perf_counter() - started, len(users))
+async def execute_planned(store: ProductionStore, planned: Planned, in_flight: int
+                          ) -> Phases:
+    """Execute each group's claims batch and LOGGED batch with `in_flight` outstanding
+    through the Python driver's own execute_concurrent (callback chaining on its I/O
+    thread; no asyncio in the path), funding phase then trades phase."""
 
+    async def execute(name: str, phase: str) -> Throughput:
+        groups = planned.phases[phase]
+        batches = [batch for group in groups for batch in (group.claims, group.settlement)]
+        events = sum(group.events for group in groups)
+        meter = CpuMeter(os.getpid())
+        meter.start()
+        started = time.process_time()
+        landed = await asyncio.to_thread(_execute_all, store, batches, in_flight)
+        own = time.process_time() - started
+        cpu = meter.stop()
+        assert landed == len(batches), (landed, len(batches))
+        wall = cpu.pop("wall_s")
+        return Throughput(name, events, sum(group.trades for group in groups), wall, cpu,
+                          cpu_us_per_event=1e6 * own / events, notes={
+            "in_flight": in_flight, "plan_us_per_event": planned.plan_us_per_event,
+            "users": planned.users, "groups": len(groups), "batches": len(batches),
+            "batch_events": planned.batch_events, "batch_max_bytes": planned.batch_max_bytes,
+            "other_processes": meter.top_others,
+        })
 
-async def run_ceiling(stack: Stack, inputs: Inputs, in_flight: int = CEILING_IN_FLIGHT
-                      ) -> Phases:
-    """Execute the planned batches with `in_flight` outstanding through the driver's own
-    execute_concurrent (callback chaining on its I/O thread; no asyncio in the path)."""
-    keyspace = await stack.keyspace("ceiling")
-    settings = stack.settings(keyspace)
-    db = await SettlementDb.open(settings)
-    stream = inputs.stream
-    try:
-        registry = load_registry(settings.registry)
-        planned = await asyncio.to_thread(plan_all, db, registry, inputs)
-        plan_us = 1e6 * planned.plan_s / stream.events
-        progress(f"  ceiling: planned {stream.events:,} batches ({plan_us:.0f} µs per event "
-                 f"for Ledger.plan + settlement_batch); executing {in_flight} at a time")
-
-        async def execute(name: str, batches: list[Any], trades: int) -> Throughput:
-            meter = CpuMeter(os.getpid())
-            meter.start()
-            landed = await asyncio.to_thread(_execute_all, db, batches, in_flight)
-            cpu = meter.stop()
-            assert landed == len(batches), (landed, len(batches))
-            wall = cpu.pop("wall_s")
-            return Throughput(name, len(batches), trades, wall, cpu, notes={
-                "in_flight": in_flight, "plan_us_per_event": plan_us, "users": planned.users,
-                "other_processes": meter.top_others,
-            })
-
-        funding = await execute("ceiling-funding", planned.batches[:stream.funding], 0)
-        trades = await execute("ceiling", planned.batches[stream.funding:], stream.trades)
-    finally:
-        await db.close()
+    funding = await execute("ceiling-funding", "funding")
+    trades = await execute("ceiling", "trades")
     progress(f"  ceiling: {trades.trades_per_s:,.0f} trades/s over {trades.wall_s:.1f}s; "
-             f"CPU: this process {trades.cpu['settler']:.0f}%, cassandra "
-             f"{trades.cpu['cassandra']:.0f}%")
+             f"CPU: this process {trades.cpu['settler']:.0f}% "
+             f"({trades.cpu_us_per_event:.0f} µs/event), cassandra "
+             f"{trades.cpu['cassandra']:.0f}% ({trades.db_us_per_event:.0f} µs/event)")
     return Phases(funding, trades)
 
 
-def _execute_all(db: SettlementDb, batches: list[Any], in_flight: int) -> int:
-    results = execute_concurrent(db.session, ((batch, None) for batch in batches),
+def _execute_all(store: ProductionStore, batches: list[Any], in_flight: int) -> int:
+    results = execute_concurrent(store.session, ((batch, None) for batch in batches),
                                  concurrency=in_flight, raise_on_first_error=True,
                                  results_generator=True)
     return sum(1 for success, _ in results if success)
@@ -306,46 +330,56 @@ def _execute_all(db: SettlementDb, batches: list[Any], in_flight: int) -> int:
 
 
 class NaiveLoop:
-    """Consume one record, load what it needs, plan, await its batch, commit its offset."""
+    """Consume one record, load what it needs, plan, await its claims and its batch, commit
+    its offset."""
 
-    def __init__(self, db: SettlementDb, registry: Registry, ledger: Ledger) -> None:
-        self.db = db
+    def __init__(self, store: ProductionStore, registry: Registry, ledger: Ledger) -> None:
+        self.store = store
         self.registry = registry
         self.ledger = ledger
         self.last_ts = 0
+        self.frontier: dict[str, int] = {}
 
     async def settle_one(self, record: Any) -> None:
-        ledger, db = self.ledger, self.db
+        ledger, store = self.ledger, self.store
         event = decode(record.value)
         assert not isinstance(event, Rejected), event
         effect = ledger.effect(event)
         assert not isinstance(effect, Rejected), effect
         for user in ledger.missing_users([effect]):
-            ledger.add_user(user, await db.load_user(user))
+            ledger.add_user(user, await store.load_user(user))
         for is_trade, event_id in ledger.unknown_ids([event]):
-            found = await db.settled(is_trade, id_bucket(event_id), event_id, event_id)
-            ledger.add_settled(is_trade, found)
-        write = ledger.plan(event, effect, Position(record.topic, record.partition,
-                                                    record.offset))
-        if isinstance(write, Write):
+            bucket = id_bucket(event_id)
+            ledger.add_claims(is_trade, await store.claims(is_trade, bucket, event_id,
+                                                           event_id))
+        position = Position(record.topic, record.partition, record.offset)
+        plan = ledger.plan(event, effect, position)
+        if isinstance(plan, Write):
+            group = ledger.seal()
             self.last_ts = max(time.time_ns() // 1000, self.last_ts + 1)
-            await db.run(event_batch(db, write, self.registry.fee_account, self.last_ts))
-            ledger.landed(write)
+            self.frontier[position.stream] = position.offset
+            await store.run(store.claims_batch(group.writes, {position.stream: position.offset},
+                                               timestamp=self.last_ts))
+            await store.run(store.settlement_batch(
+                group.images, group.writes, fee_account=self.registry.fee_account,
+                timestamp=self.last_ts))
+            ledger.landed(group)
         ledger.trim()
 
     async def run(self, stack: Stack, topic: str, group: str, events: int, trades: int,
                   name: str) -> Throughput:
-        settings = stack.settings(self.db.session.keyspace, topic, group)
+        settings = stack.settings(self.store.session.keyspace, topic, group)
         consumer = kafka.consumer(settings)
         await consumer.start()
         meter = CpuMeter(os.getpid())
-        started = 0.0
+        started, cpu_started = 0.0, 0.0
         try:
             consumer.subscribe([topic])
             for n in range(events):
                 record = await consumer.getone()
                 if n == 0:  # the group join before it is start-up, not settling
                     started = time.monotonic()
+                    cpu_started = time.process_time()
                     meter.start()
                 await self.settle_one(record)
                 await consumer.commit({TopicPartition(record.topic, record.partition):
@@ -353,11 +387,12 @@ class NaiveLoop:
                 if n % 1000 == 999:
                     progress(f"  {name}: {n + 1:,}/{events:,} "
                              f"({(n + 1) / (time.monotonic() - started):,.0f} events/s)")
+            own = time.process_time() - cpu_started
             cpu = meter.stop()
         finally:
             await stop_consumer(consumer)
         wall = cpu.pop("wall_s")
-        return Throughput(name, events, trades, wall, cpu,
+        return Throughput(name, events, trades, wall, cpu, cpu_us_per_event=1e6 * own / events,
                           notes={"other_processes": meter.top_others})
 
 
@@ -366,9 +401,9 @@ async def run_naive(stack: Stack, registry: Registry, trades: int) -> Phases:
     inputs = await prepare(stack, registry, trades, label="naive")
     stream = inputs.stream
     settings = stack.settings(await stack.keyspace("naive"))
-    db = await SettlementDb.open(settings)
+    store = await open_store(settings)
     try:
-        loop = NaiveLoop(db, registry,
+        loop = NaiveLoop(store, registry,
                          Ledger(registry, settings.balance_cache_rows, settings.recent_ids))
         group = stack.group("naive")
         funding = await loop.run(stack, inputs.funding_topic, group, stream.funding, 0,
@@ -376,7 +411,7 @@ async def run_naive(stack: Stack, registry: Registry, trades: int) -> Phases:
         trades_run = await loop.run(stack, inputs.trades_topic, group, stream.trades,
                                     stream.trades, "naive")
     finally:
-        await db.close()
+        await store.close()
     progress(f"  naive: {trades_run.trades_per_s:,.0f} trades/s over {trades_run.wall_s:.1f}s "
              f"(funding {funding.events_per_s:,.0f} events/s)")
     return Phases(funding, trades_run)
@@ -435,15 +470,17 @@ async def _until(check: Callable[[], Awaitable[bool]], worker: WorkerProcess, ti
 
 
 async def run_latency(stack: Stack, registry: Registry, rate: float, duration_s: float,
-                      extra_env: Mapping[str, str] | None = None) -> Latency:
+                      extra_env: Mapping[str, str] | None = None,
+                      source: WorkerSource | None = None) -> Latency:
     """Produce a fresh stream (funding, then trades) at a steady `rate` records/s into a
     running worker; read p50/p99 off its settle-latency histogram."""
     trades = max(100, int(rate * duration_s / 1.11))  # funding is about 11% of a stream
     stream = trade_stream(registry, TradeShape.scaled(trades, seed=11))
     topic = await stack.topic("latency")
     group = stack.group("latency")
-    worker = WorkerProcess(stack, topics=[topic], keyspace=await stack.keyspace("latency"),
-                           group=group, label="latency", extra_env=extra_env)
+    worker = WorkerProcess(stack, topics=[topic],
+                           keyspace=await stack.keyspace("latency", source),
+                           group=group, label="latency", extra_env=extra_env, source=source)
     try:
         await _until(worker.ready, worker, 120, "latency worker ready")
         progress(f"  latency: producing {stream.events:,} records at {rate:,.0f}/s "

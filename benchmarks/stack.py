@@ -1,5 +1,10 @@
 """The benchmarks' handle on the dev stack: private topics, keyspaces and groups (dropped at
-the end), producing, `settler run` as a black-box subprocess, and CPU/RSS from /proc."""
+the end), producing, `settler run` as a black-box subprocess (of the working tree or of a git
+revision), and CPU/RSS from /proc.
+
+The stack is the one SETTLER_KAFKA_BOOTSTRAP and SETTLER_CQL_CONTACT_POINTS name (default
+127.0.0.1:9092 and 127.0.0.1:9042, as `settler dev up`); no other SETTLER_* variable of the
+environment leaks into a run."""
 
 from __future__ import annotations
 
@@ -32,6 +37,8 @@ from settler.store.schema import apply_schema, drop_keyspace
 from tests.harness import delete_groups, free_port
 
 PARTITIONS = 3
+# The only SETTLER_* variables taken from the environment: where the stack is.
+STACK_VARIABLES = ("SETTLER_KAFKA_BOOTSTRAP", "SETTLER_CQL_CONTACT_POINTS")
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -65,6 +72,56 @@ def hold_machine() -> TextIO:
     return lock
 
 
+def stack_environ() -> dict[str, str]:
+    """SETTLER_* variables naming the stack, from this process's environment."""
+    return {name: os.environ[name] for name in STACK_VARIABLES if name in os.environ}
+
+
+def stack_settings() -> Settings:
+    return load_settings(environ=stack_environ())
+
+
+# -- which settler the worker runs -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WorkerSource:
+    """The `settler` a worker subprocess runs: the working tree, or a git revision's
+    `settler/` and `schema/` extracted with `git archive` (its keyspaces get its schema)."""
+
+    label: str  # "working tree" or the revision as given
+    commit: str
+    path: Path | None = None  # the snapshot; None: the working tree
+
+    @property
+    def describe(self) -> str:
+        if self.path is None:
+            return f"the working tree at commit {self.commit}"
+        return f"`{self.label}` = commit {self.commit}"
+
+    def environ(self) -> dict[str, str]:
+        """What a subprocess needs to import this settler first (before the editable
+        install of the working tree)."""
+        if self.path is None:
+            return {}
+        return {"PYTHONPATH": os.pathsep.join([str(self.path), str(ROOT)])}
+
+    @property
+    def cwd(self) -> Path:
+        return self.path or ROOT
+
+
+WORKING_TREE = "working tree"
+
+
+def worker_source(rev: str | None) -> WorkerSource:
+    """The working tree (rev None), or the snapshot of `rev`."""
+    if rev is None:
+        return WorkerSource(WORKING_TREE, _git("rev-parse", "--short", "HEAD"))
+    path, commit = snapshot(rev)
+    return WorkerSource(rev, commit, path)
+
+
 # -- names of a run's own resources --------------------------------------------------------
 
 
@@ -73,7 +130,7 @@ class Stack:
     """Everything the benchmarks created, so one `cleanup()` removes it."""
 
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:6])
-    base: Settings = field(default_factory=lambda: load_settings(environ={}))
+    base: Settings = field(default_factory=stack_settings)
     topics: list[str] = field(default_factory=list)
     keyspaces: list[str] = field(default_factory=list)
     groups: list[str] = field(default_factory=list)
@@ -98,12 +155,16 @@ class Stack:
         self.topics += [name, f"{name}.dlq"]
         return name
 
-    async def keyspace(self, label: str) -> str:
+    async def keyspace(self, label: str, source: WorkerSource | None = None) -> str:
+        """A fresh keyspace with the schema of `source` (default: the working tree's)."""
         name = f"bench_{self.run_id}_{label}"
         self.keyspaces.append(name)
         for attempt in range(3):
             try:
-                await asyncio.to_thread(apply_schema, self.settings(name))
+                if source is None or source.path is None:
+                    await asyncio.to_thread(apply_schema, self.settings(name))
+                else:
+                    await self._apply_schema_of(source, name)
                 return name
             except (NoHostAvailable, OperationTimedOut) as exc:
                 # e.g. a test elsewhere paused Cassandra for a moment (settler dev pause)
@@ -113,10 +174,40 @@ class Stack:
                 await asyncio.sleep(5)
         return name
 
+    async def _apply_schema_of(self, source: WorkerSource, keyspace: str) -> None:
+        """`settler schema apply` of the revision itself: its own schema/ files, its own
+        apply code."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SETTLER_")}
+        env.update(self.environ(keyspace), **source.environ())
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "settler", "schema", "apply", env=env, cwd=source.cwd,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        output, _ = await proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(f"schema of {source.label} into {keyspace} failed (exit "
+                               f"{proc.returncode}):\n{output.decode(errors='replace')[-2000:]}")
+
+    def environ(self, keyspace: str) -> dict[str, str]:
+        """SETTLER_* variables of the stack and one keyspace."""
+        return {"SETTLER_KAFKA_BOOTSTRAP": self.bootstrap,
+                "SETTLER_CQL_CONTACT_POINTS": ",".join(self.base.cql_contact_points),
+                "SETTLER_KEYSPACE": keyspace}
+
     def group(self, label: str) -> str:
         name = f"bench-{self.run_id}-{label}"
         self.groups.append(name)
         return name
+
+    async def drop_keyspace(self, keyspace: str) -> None:
+        await asyncio.to_thread(drop_keyspace, self.settings(keyspace))
+        self.keyspaces.remove(keyspace)
+
+    async def drop_keyspaces(self) -> None:
+        """Drop the keyspaces made so far (between A/B runs: each starts on a node holding
+        the same data)."""
+        for keyspace in self.keyspaces:
+            await asyncio.to_thread(drop_keyspace, self.settings(keyspace))
+        self.keyspaces = []
 
     async def cleanup(self) -> None:
         progress(f"cleaning up: {len(self.topics)} topics, {len(self.keyspaces)} keyspaces")
@@ -130,9 +221,8 @@ class Stack:
                 progress(f"  could not delete consumer groups: {', '.join(failed)}")
         finally:
             await admin.close()
-        for keyspace in self.keyspaces:
-            await asyncio.to_thread(drop_keyspace, self.settings(keyspace))
-        self.topics, self.keyspaces, self.groups = [], [], []
+        await self.drop_keyspaces()
+        self.topics, self.groups = [], []
 
 
 # -- producing ---------------------------------------------------------------------------
@@ -240,27 +330,31 @@ class WorkerProcess:
     """`python -m settler run` with SETTLER_* environment; its log goes to results/logs/."""
 
     def __init__(self, stack: Stack, *, topics: Sequence[str], keyspace: str, group: str,
-                 label: str, extra_env: Mapping[str, str] | None = None) -> None:
+                 label: str, extra_env: Mapping[str, str] | None = None,
+                 source: WorkerSource | None = None) -> None:
         self.metrics_port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("SETTLER_")}
         env.update({
-            "SETTLER_KAFKA_BOOTSTRAP": stack.bootstrap,
+            **stack.environ(keyspace),
             "SETTLER_TOPICS": ",".join(topics),
             "SETTLER_DLQ_TOPIC": f"{topics[0]}.dlq",
             "SETTLER_GROUP_ID": group,
-            "SETTLER_KEYSPACE": keyspace,
             "SETTLER_METRICS_HOST": "127.0.0.1",
             "SETTLER_METRICS_PORT": str(self.metrics_port),
             "SETTLER_LOG_FORMAT": "json",
             **(extra_env or {}),
         })
+        if source is not None:
+            env.update(source.environ())
         self.environ = env
+        self.source = source
         logs = RESULTS / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         self.log_path = logs / f"{stack.run_id}-{label}.log"
         self._log = self.log_path.open("wb")
         self.started = time.monotonic()
         self.proc = subprocess.Popen([sys.executable, "-m", "settler", "run"], env=env,
+                                     cwd=source.cwd if source else ROOT,
                                      stdout=self._log, stderr=subprocess.STDOUT)
 
     @property
@@ -425,7 +519,7 @@ def machine() -> dict[str, Any]:
     for line in Path("/proc/meminfo").read_text().splitlines():
         if line.startswith("MemTotal:"):
             mem_kib = int(line.split()[1])
-    versions = devstack.server_versions(load_settings(environ={}))
+    versions = devstack.server_versions(stack_settings())
     return {
         "nproc": os.cpu_count() or 0,
         "ram_gib": round(mem_kib / 1024 / 1024, 1),
