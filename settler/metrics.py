@@ -177,6 +177,12 @@ SESSIONS = Counter(
 BATCH_SPLITS = Counter(
     "settler_batch_splits_total", "LOGGED batches the database found too large, split in two"
 )
+REREAD = Counter(
+    "settler_reread_partitions_total",
+    "Partitions a session started below the group's committed offset, because the database "
+    "did not confirm the effects of the records in between (it lost acknowledged writes)",
+    ["topic", "partition"],
+)
 DLQ_VALUE_OMITTED = Counter(
     "settler_dead_letter_value_omitted_total",
     "Dead letters published without their value (larger than the producer's request limit)",

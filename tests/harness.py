@@ -159,6 +159,9 @@ async def destroy(env: TestEnv) -> None:
         assert not failed, f"consumer groups left behind: {', '.join(failed)}"
     finally:
         await admin.close()
+    if os.environ.get("SETTLER_TEST_KEEP_KEYSPACE"):
+        print(f"keeping keyspace {env.settings.keyspace} (SETTLER_TEST_KEEP_KEYSPACE)")
+        return
     await asyncio.to_thread(drop_keyspace, env.settings)
 
 

@@ -2,7 +2,9 @@
 
 Records are tracked in fetch order and settled in any order (batches land out of order);
 `commit_ready()` never passes an offset whose event is not durably settled or
-dead-lettered, so a crash can only cause re-reads, never skips.
+dead-lettered, so a crash can only cause re-reads, never skips; and never returns a
+position at or below what the group has committed already (a session that re-reads
+from below its group's commit never moves it back).
 """
 
 from __future__ import annotations
@@ -26,6 +28,11 @@ class _Partition:
 class Offsets(Generic[P]):
     def __init__(self) -> None:
         self._partitions: dict[P, _Partition] = {}
+
+    def assigned(self, partition: P, committed: int | None) -> None:
+        """The partition is ours from the group's `committed` position (None: never
+        committed); records may be read again from below it."""
+        self._partitions[partition] = _Partition(committed=committed)
 
     def track(self, partition: P, offset: int) -> None:
         """A record was fetched; offsets of one partition arrive in increasing order."""
@@ -52,7 +59,18 @@ class Offsets(Generic[P]):
         return {
             partition: state.next_commit
             for partition, state in self._partitions.items()
-            if state.next_commit is not None and state.next_commit != state.committed
+            if state.next_commit is not None
+            and (state.committed is None or state.next_commit > state.committed)
+        }
+
+    def confirmed_below_commit(self) -> dict[P, int]:
+        """Partitions re-read from below the group's commit: how far their records are
+        settled again (never past that commit, which only `commit_ready` moves)."""
+        return {
+            partition: state.next_commit
+            for partition, state in self._partitions.items()
+            if state.next_commit is not None and state.committed is not None
+            and state.next_commit <= state.committed
         }
 
     def committed(self, positions: dict[P, int]) -> None:

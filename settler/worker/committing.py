@@ -91,6 +91,10 @@ class Committer:
         # Below these offsets a partition was committed once already: a dead letter
         # published again there comes from a replay.
         self.replayed_below = dict(progress.committed)
+        # The group's committed position at assignment: a record below it is re-read
+        # only because the database may have lost its effect (see `Session`), and its
+        # dead letter is already published, in the transaction that committed past it.
+        self.published_below: dict[TopicPartition, int] = {}
         self.progress = ProgressRecorder(store=store, tenure=tenure, ledger=ledger,
                                          progress=progress, frontier=frontier, topics=topics)
 
@@ -100,6 +104,9 @@ class Committer:
         """Queue the record for the dead-letter topic; its offset may be committed now,
         since the letter goes out in the transaction that commits past it."""
         record = item.record
+        if record.offset < self.published_below.get(item.tp, -1):
+            self.offsets.settle(item.tp, record.offset)
+            return
         source = f"{item.tp.topic}/{item.tp.partition}/{record.offset}"
         headers = kafka.dead_letter_headers(record.headers, reason, source, detail)
         if record.offset < self.replayed_below.get(item.position.stream, -1):
@@ -136,6 +143,8 @@ class Committer:
     def forget(self, partitions: set[TopicPartition]) -> None:
         """Revoked: their queued dead letters come back when their records are re-read."""
         self.letters = [letter for letter in self.letters if letter.tp not in partitions]
+        for tp in partitions:
+            self.published_below.pop(tp, None)
 
     def pending(self) -> bool:
         """A commit transaction is still running (not concluded by `commit`)."""
@@ -152,20 +161,28 @@ class Committer:
         async with self._lock:
             if self._txn is not None and not await self._conclude(timeout):
                 return False
+            if not self.tenure.valid:
+                return False
+            reread = self.offsets.confirmed_below_commit()
+            if reread:
+                # Settled again below the group's commit: the database holds those effects
+                # now, so its record of the commit may catch up with Kafka's.
+                self.progress.committed_at(reread)
             positions = self.offsets.commit_ready()
-            if not positions or not self.tenure.valid:
-                return False
-            letters = [letter for letter in self.letters
-                       if letter.offset < positions.get(letter.tp, -1)]
-            self._txn = asyncio.ensure_future(self._transaction(positions, letters))
-            # Concluded by the next call; a session that ends first leaves it to Kafka (the
-            # next writer's producer fences it), so its error is looked at here too.
-            self._txn.add_done_callback(lambda txn: txn.cancelled() or txn.exception())
-            self._txn_content = (positions, letters)
-            if not await self._conclude(timeout):
-                return False
-        await self.progress.record()
-        return True
+            committed = bool(positions) and await self._commit(positions, timeout)
+        if committed or reread or self.progress.behind():
+            await self.progress.record()
+        return committed
+
+    async def _commit(self, positions: dict[TopicPartition, int], timeout: float) -> bool:
+        letters = [letter for letter in self.letters
+                   if letter.offset < positions.get(letter.tp, -1)]
+        self._txn = asyncio.ensure_future(self._transaction(positions, letters))
+        # Concluded by the next call; a session that ends first leaves it to Kafka (the
+        # next writer's producer fences it), so its error is looked at here too.
+        self._txn.add_done_callback(lambda txn: txn.cancelled() or txn.exception())
+        self._txn_content = (positions, letters)
+        return await self._conclude(timeout)
 
     async def _conclude(self, timeout: float) -> bool:
         """Wait for the running transaction; account for it once it ended. True if it

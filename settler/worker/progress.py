@@ -47,6 +47,11 @@ class ProgressRecorder:
         for tp, position in positions.items():
             self.committed[f"{tp.topic}:{tp.partition}"] = position
 
+    def behind(self) -> bool:
+        """A committed position the database has no record of yet (a write failed)."""
+        return any(position > self.committed_high.get(stream, -1)
+                   for stream, position in self.committed.items())
+
     async def record(self) -> None:
         """The highest offsets ever committed (to tell a replay later), and `Resolved` once
         every offset planned before this session is committed past."""

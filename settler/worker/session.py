@@ -298,21 +298,58 @@ class WriterSession(ConsumerRebalanceListener):  # type: ignore[misc]
             self._end(SessionEnd.FATAL)
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        """Start each partition where both Kafka and the database agree it was settled.
+
+        The group's committed offset says the effects of every record below it were
+        acknowledged by the database; a database that lost acknowledged writes (a node
+        killed before its periodic commitlog sync, RF=1) no longer has them. The progress
+        record of the highest committed offset is written to the same database after
+        those effects, so if it survived, they did. Each partition therefore starts at the
+        lower of the two (the earliest offset if the database has no record); the events
+        in between are planned again (the lineage rule re-applies exactly what is missing),
+        their dead letters are not published again, and the group's offset never moves
+        back (`Offsets.assigned`)."""
         self.health.checks["partitions"] = True
         log.info("partitions assigned", partitions=_names(assigned))
-        # Where the group already is on each partition, even one this session never
-        # commits (an idle partition must not keep older epochs unresolved for ever).
-        committed: dict[str, int] = {}
+        recorded = self.committer.progress.committed_high  # confirmed by the database
+        starts: dict[str, int] = {}
         for tp in sorted(assigned):
+            stream = f"{tp.topic}:{tp.partition}"
             try:
-                offset = await asyncio.wait_for(self.consumer.committed(tp), 10.0)
-            except (KafkaError, TimeoutError) as exc:
-                log.warning("committed offset not read; resolution waits for a commit",
-                            topic=tp.topic, partition=tp.partition, error=repr(exc))
+                committed = await self._group_committed(tp)
+            except Stopping:
+                return
+            if committed is not None and committed < 0:
+                committed = None
+            self.offsets.assigned(tp, committed)
+            if committed is None:
+                continue  # never committed: the consumer's reset policy decides
+            self.committer.published_below[tp] = committed
+            if stream not in recorded:
+                log.warning("the database has no record of this partition's committed "
+                            "offset: re-reading it from its earliest offset",
+                            topic=tp.topic, partition=tp.partition, committed=committed)
+                metrics.REREAD.labels(tp.topic, tp.partition).inc()
+                await self.consumer.seek_to_beginning(tp)
                 continue
-            if offset is not None and offset >= 0:
-                committed[f"{tp.topic}:{tp.partition}"] = offset
-        self.committer.progress.seed_committed(committed)
+            start = min(committed, recorded[stream])
+            if start < committed:
+                log.warning("the database confirms fewer settled events than the group's "
+                            "committed offset: re-reading the difference",
+                            topic=tp.topic, partition=tp.partition, committed=committed,
+                            confirmed=start)
+                metrics.REREAD.labels(tp.topic, tp.partition).inc()
+                self.consumer.seek(tp, start)
+            starts[stream] = start
+        # Where this session starts on each partition, even one it never commits (an idle
+        # partition must not keep older epochs unresolved for ever).
+        self.committer.progress.seed_committed(starts)
+
+    async def _group_committed(self, tp: TopicPartition) -> int | None:
+        async def attempt() -> int | None:
+            return await asyncio.wait_for(self.consumer.committed(tp), 10.0)
+
+        return await self.retrier.run("kafka_connect", attempt, _kafka_transient)
 
     # -- helpers ---------------------------------------------------------------------------
 

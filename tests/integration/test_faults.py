@@ -80,16 +80,24 @@ class SigtermRun:
     tail: str
 
 
-@pytest.fixture(scope="module")
-async def sigterm_while_frozen(stack: None, registry: Registry,
-                               tmp_path_factory: pytest.TempPathFactory
+# When the SIGTERM comes, Cassandra frozen: while the session still holds a valid lease
+# (its reads and batches hang), or once the lease lapsed and the worker is a standby whose
+# lease attempts hang (the renewal outlived the request timeout and was retried).
+SIGTERM_MOMENTS = ("session", "standby")
+STUCK_IN_SESSION_S = 3.0  # well inside the lease's validity (80% of 10 s)
+
+
+@pytest.fixture(scope="module", params=SIGTERM_MOMENTS)
+async def sigterm_while_frozen(request: pytest.FixtureRequest, stack: None,
+                               registry: Registry, tmp_path_factory: pytest.TempPathFactory
                                ) -> AsyncIterator[SigtermRun]:
-    """Half the stream settled; Cassandra frozen; the other half produced and the worker
-    stuck reading what planning it needs (a read timed out and retried); SIGTERM: how long
-    the worker took to exit and with which code. Then, Cassandra resumed, a new worker
-    settles the rest, at the shipped timings: the frozen lease could not be released, so
-    it waits for it to expire, then the takeover wait."""
-    env = harness.new_env(tmp_path_factory.mktemp("sigterm-frozen"))
+    """Half the stream settled; Cassandra frozen; the other half produced, so the worker
+    is stuck on the database; SIGTERM: how long the worker took to exit and with which
+    code. Then, Cassandra resumed, a new worker settles the rest, at the shipped timings:
+    the frozen lease could not be released, so it waits for it to expire, then the
+    takeover wait."""
+    moment = request.param
+    env = harness.new_env(tmp_path_factory.mktemp(f"sigterm-frozen-{moment}"))
     await harness.create(env)
     try:
         records = generate(registry, SHAPE)
@@ -101,8 +109,14 @@ async def sigterm_while_frozen(stack: None, registry: Registry,
             devstack.pause("cassandra")
             try:
                 sources += await harness.produce(env.topic, records[half:])
-                await harness.wait_for_metric(worker, "settler_retries_total", timeout=60,
-                                              kind="cql_read")
+                if moment == "session":
+                    await asyncio.sleep(STUCK_IN_SESSION_S)
+                    assert await harness.metric(worker, "settler_lease_valid") == 1, (
+                        "the lease lapsed before the SIGTERM")
+                else:
+                    await harness.wait_for_metric(worker, "settler_retries_total",
+                                                  timeout=60, kind="cql_lease")
+                    assert await harness.metric(worker, "settler_lease_valid") == 0
                 started = time.monotonic()
                 # Waited for longer than the budget, so that a failure says how long it took.
                 code = worker.stop(timeout=4 * harness.STOP_TIMEOUT_S)

@@ -4,8 +4,11 @@
 frozen (SIGSTOP: requests wait), a process cut off by the network (its requests and
 their replies are held until the link heals, then delivered late), a coordinator crash
 (the unapplied partition shares of multi-partition LOGGED batches go to the batchlog and
-are replayed seconds later; those of UNLOGGED batches are lost), lease LWTs timing out
-with an unknown outcome, and the batch size limit.
+are replayed seconds later; those of UNLOGGED batches are lost), the node killed
+(SIGKILL, RF=1: everything written since the last periodic commitlog sync is lost,
+acknowledged or not; LOGGED batches logged before that sync but not applied are
+replayed 30-40 s after the node is back), lease LWTs timing out with an unknown outcome,
+and the batch size limit.
 
 `SimStore` is the REAL `SettlementDb` code (statement builders, result parsing) over this
 node: only `run` is simulated, with the driver's client-side request timeout.
@@ -61,6 +64,23 @@ class _Applying:
     parts: list[list[Mutation]]
     logged: bool
     on_done: Callable[[], None] = lambda: None
+    whole: list[Mutation] = field(default_factory=list)  # what a batchlog replay applies
+    arrived: float = 0.0
+
+
+@dataclass(eq=False)
+class _Late:
+    """A write that timed out after the node took it: it lands at `due` unless the node
+    is killed first."""
+
+    mutations: list[Mutation]
+    logged: bool
+    arrived: float
+    due: float
+
+
+COMMITLOG_SYNC_S = 10.0  # commitlog_sync_period: what a killed node may lose
+BATCHLOG_AFTER_START_S = (30.0, 40.0)  # RING_DELAY, then the 10 s replay loop
 
 
 @dataclass
@@ -87,8 +107,16 @@ class SimCassandra:
     _cut_held: dict[str, list[Callable[[], None]]] = field(
         default_factory=lambda: defaultdict(list))
     _applying: list[_Applying] = field(default_factory=list)
+    _late: list[_Late] = field(default_factory=list)
     batchlog_replays: int = 0
     late_cells_lost: int = 0
+    # The periodic commitlog sync: what survives a kill (cells and the lease row).
+    synced_at: float | None = None
+    _synced: tuple[SimDb, dict[str, Any] | None] | None = None
+    kills: int = 0
+    lost_on_kill: int = 0  # rows a kill took back (acknowledged writes among them)
+    replay_until: float = 0.0  # the last batchlog replay scheduled by a kill
+    _down_until: float = 0.0
 
     # -- the request path ------------------------------------------------------------------
 
@@ -107,10 +135,10 @@ class SimCassandra:
         def arrive() -> None:
             if not request.process.alive and self.rng.random() < 0.5:
                 return  # the client died with it unsent (its socket reset on close)
-            if self.frozen:
-                self._held.append(request)
-            elif self.down:
+            if self.down:  # a dead or restarting process holds nothing
                 self._answer(request, None, Unavailable("coordinator restarting"))
+            elif self.frozen:
+                self._held.append(request)
             else:
                 self._serve(request)
 
@@ -173,11 +201,62 @@ class SimCassandra:
                 self.world.after(replay_at, lambda rest=rest: self._replay(rest))
             pending.parts.clear()  # never acknowledged
         self._applying.clear()
+        self._go_down(restart_after)
+
+    def _go_down(self, seconds: float) -> None:
+        """Down for `seconds` at least (a coordinator crash during a killed node's restart
+        does not bring it back sooner)."""
         self.down = True
-        self.world.after(restart_after, self._restart)
+        self._down_until = max(self._down_until, self.world.now + seconds)
+        self.world.after(seconds, self._restart)
 
     def _restart(self) -> None:
-        self.down = False
+        if self.world.now >= self._down_until:
+            self.down = False
+
+    def start_commitlog_sync(self) -> None:
+        """Sync every COMMITLOG_SYNC_S from a random phase (only a kill needs it)."""
+        def sync() -> None:
+            self.synced_at = self.world.now
+            self._synced = (self.db.copy(), None if self.lease is None else dict(self.lease))
+            self.world.after(COMMITLOG_SYNC_S, sync)
+
+        self.synced_at = self.world.now
+        self._synced = (self.db.copy(), None if self.lease is None else dict(self.lease))
+        self.world.after(self.rng.uniform(0.0, COMMITLOG_SYNC_S), sync)
+
+    def kill(self, restart_after: float) -> None:
+        """SIGKILL, RF=1: the node comes back after `restart_after` with what its commitlog
+        had synced. A LOGGED batch in flight whose batchlog entry was synced (it arrived
+        before the sync) is replayed whole 30-40 s after the restart; any other write in
+        flight is gone, and nothing in flight is ever acknowledged."""
+        assert self._synced is not None, "start_commitlog_sync() first"
+        synced_at = self.synced_at or 0.0
+        self.kills += 1
+        replays: list[list[Mutation]] = []
+        for pending in self._applying:
+            if pending.logged and pending.parts and pending.arrived < synced_at:
+                replays.append(pending.whole)
+            pending.parts.clear()  # never acknowledged
+        self._applying.clear()
+        for late in self._late:
+            if late.logged and late.arrived < synced_at:
+                replays.append(late.mutations)
+        self._late.clear()
+        self._held.clear()  # requests held by a frozen node die with it
+        self.frozen = False
+        # Connections to the killed process are reset: what the network still held for
+        # it, or from it, never arrives.
+        for held in self._cut_held.values():
+            held.clear()
+        db, lease = self._synced
+        self.lost_on_kill += _rows_changed_since(db, self.db)
+        self.db, self.lease = db.copy(), None if lease is None else dict(lease)
+        self._go_down(restart_after)
+        for whole in replays:
+            when = restart_after + self.rng.uniform(*BATCHLOG_AFTER_START_S)
+            self.replay_until = max(self.replay_until, self.world.now + when)
+            self.world.after(when, lambda whole=whole: self._replay([whole]))
 
     def _replay(self, parts: list[list[Mutation]]) -> None:
         self.batchlog_replays += 1
@@ -214,7 +293,8 @@ class SimCassandra:
         if not rest:
             return None
         # The other shares land a moment later; a coordinator crash meanwhile cuts them.
-        pending = _Applying(rest, logged)
+        pending = _Applying(rest, logged, whole=[m for share in shares for m in share],
+                            arrived=self.world.now)
         self._applying.append(pending)
         for share in list(rest):
             self.world.after(self.rng.uniform(0, 0.002),
@@ -233,10 +313,16 @@ class SimCassandra:
         """A write that timed out after the coordinator took it lands later anyway: a
         LOGGED batch by the batchlog replay (after 2 x write_request_timeout, scanned
         every 10 s: 4-14 s), an UNLOGGED one as replicas catch up (hints: 0-3 s)."""
-        late = mutations(batch)
         delay = self.rng.uniform(4.0, 14.0) if logged else self.rng.uniform(0.0, 3.0)
-        self.world.after(delay, lambda: setattr(self, "late_cells_lost",
-                                                self.late_cells_lost + self.db.apply(late)))
+        late = _Late(mutations(batch), logged, self.world.now, self.world.now + delay)
+        self._late.append(late)
+
+        def land() -> None:
+            if late in self._late:  # not taken by a kill meanwhile
+                self._late.remove(late)
+                self.late_cells_lost += self.db.apply(late.mutations)
+
+        self.world.after(delay, land)
 
     def lwt(self, operation: Callable[[], Any]) -> Any:
         if self.lease_errors and self.rng.random() < 0.9:
@@ -244,6 +330,16 @@ class SimCassandra:
                 operation()  # applied, but the answer is lost
             raise WriteTimeout("LWT timed out (outcome unknown)", write_type=WriteType.CAS)
         return operation()
+
+
+def _rows_changed_since(before: SimDb, now: SimDb) -> int:
+    """Rows of `now` that `before` lacks or holds otherwise."""
+    changed = 0
+    for table, partitions in now.tables.items():
+        for key, rows in partitions.items():
+            old = before.tables[table].get(key, {})
+            changed += sum(1 for row_key, row in rows.items() if old.get(row_key) != row)
+    return changed
 
 
 class SimLeaseTable:

@@ -335,6 +335,15 @@ class SimConsumer:
             lambda: self.kafka.committed.get(partition))
         return offset
 
+    def seek(self, partition: TopicPartition, offset: int) -> None:
+        assert partition in self._assignment, f"seek on {partition}, not assigned"
+        self.positions[partition] = offset
+
+    async def seek_to_beginning(self, *partitions: TopicPartition) -> bool:
+        for partition in partitions:
+            self.seek(partition, 0)
+        return True
+
     async def end_offsets(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
         ends: dict[TopicPartition, int] = await self.kafka.request(
             lambda: {tp: len(self.kafka.logs[tp]) for tp in partitions})

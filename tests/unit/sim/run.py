@@ -45,7 +45,7 @@ GROUP = "sim"
 
 LOG_LEVEL = os.environ.get("SETTLER_SIM_LOG_LEVEL", "warning")
 FAULT_KINDS = ("kill", "term", "pause", "db_freeze", "db_crash", "db_slow", "write_errors",
-               "kafka_freeze", "add_partition", "db_cut", "lease_errors")
+               "kafka_freeze", "add_partition", "db_cut", "lease_errors", "db_kill")
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ class SimClock:
 class LogTail(io.StringIO):
     """The last lines the workers logged (printed when an example fails)."""
 
-    def __init__(self, keep: int = 400) -> None:
+    def __init__(self, keep: int = int(os.environ.get("SETTLER_SIM_LOG_KEEP", "400"))) -> None:
         super().__init__()
         self.lines: collections.deque[str] = collections.deque(maxlen=keep)
 
@@ -277,6 +277,10 @@ class Simulation:
     def _db_crash(self) -> None:
         self.node.crash_coordinator(self.rng.uniform(0.2, 3.0))
 
+    def _db_kill(self) -> None:
+        # A Cassandra or ScyllaDB node takes longer than this to start (commitlog replay).
+        self.node.kill(self.rng.uniform(10.0, 40.0))
+
     def _kafka_freeze(self) -> None:
         self.kafka.freeze()
         self._for_a_while(2.0, 25.0, self.kafka.thaw)
@@ -320,6 +324,7 @@ class Simulation:
             logs.configure(LOG_LEVEL, "json", stream=self.log)
         for index in range(self.scenario.workers):
             self.start_worker("ab"[index])
+        self.node.start_commitlog_sync()
         self.engine()
         self.schedule_faults()
         quiet_after = self.world.now + self.scenario.produce_over_s + 75.0
@@ -329,13 +334,21 @@ class Simulation:
             self.replay()
         self.stop_all()
         # Whatever the batchlog still holds lands before anyone looks.
-        horizon = self.world.now + 20.0
+        horizon = max(self.world.now + 20.0, self.node.replay_until + 1.0)
         self.world.run_until(lambda: self.world.now > horizon, limit_s=60.0)
 
     def caught_up(self) -> bool:
+        """Every record produced and committed past, and the database confirms those
+        commits (after a node lost acknowledged writes, a writer re-reads the difference:
+        Kafka's commit alone says nothing of the database)."""
         ends = self.kafka.ends()
-        return len(self.positions) == sum(ends.values()) >= len(self.records) and all(
-            self.kafka.committed.get(tp, 0) >= end for tp, end in ends.items())
+        if not (len(self.positions) == sum(ends.values()) >= len(self.records) and all(
+                self.kafka.committed.get(tp, 0) >= end for tp, end in ends.items())):
+            return False
+        confirmed = {stream: position for name, stream, position, _ in
+                     self.node.db.select("progress", ("writer",)) if name == "committed"}
+        return all(confirmed.get(f"{tp.topic}:{tp.partition}", -1) >= offset
+                   for tp, offset in self.kafka.committed.items() if offset > 0)
 
     def replay(self) -> None:
         """`settler replay --from-offset 0`: stop the workers, rewind, start them again."""
