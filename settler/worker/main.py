@@ -20,14 +20,11 @@ from settler.store.lease import WriterLease
 from settler.worker.ports import Clients, Store, production_clients
 from settler.worker.retry import Backoff, Retrier, Stopping
 from settler.worker.session import CLOSE_TIMEOUT_S, SessionEnd, WriterSession
+from settler.worker.takeover import TAKEOVER_WAIT_S, restarted_node_wait
 from settler.worker.tenure import Lapsed, Tenure
 
 log = logs.get("settler.worker")
 
-TAKEOVER_WAIT_S: Final = {"cassandra": 15, "scylla": 75}
-"""After taking over from a writer that died, how long its batches may still come out of
-the batchlog: Cassandra replays batches older than 2 x write_request_timeout, checking
-every 10 s; ScyllaDB replays on a 60 s loop."""
 DEFAULT_BATCH_MAX_BYTES: Final = 40 * 1024
 KAFKA_CHECK_TIMEOUT_S: Final = 5.0
 ERROR_CLOSE_TIMEOUT_S: Final = 10.0
@@ -95,8 +92,9 @@ class Worker:
         probe = asyncio.ensure_future(self.health.probe("cql", store.probe))
         code = 0
         try:
-            takeover_wait, batch_max_bytes = await self._derived(store)
-            code = await self._lead(store, takeover_wait, batch_max_bytes)
+            server = await self.retrier.run("cql_read", store.server)
+            takeover_wait, batch_max_bytes = await self._derived(store, server)
+            code = await self._lead(store, server, takeover_wait, batch_max_bytes)
         except Stopping:
             code = 0
         finally:
@@ -113,11 +111,10 @@ class Worker:
         log.info("worker stopped", exit_code=code)
         return code
 
-    async def _derived(self, store: Store) -> tuple[int, int]:
+    async def _derived(self, store: Store, server: str) -> tuple[int, int]:
         """The takeover wait and the batch bound: set, or derived from the database."""
         wait = self.settings.takeover_wait_s
         if wait is None:
-            server = await self.retrier.run("cql_read", store.server)
             wait = TAKEOVER_WAIT_S[server]
             log.info("takeover wait derived from the database", server=server, seconds=wait)
         limit = self.settings.batch_max_bytes
@@ -128,7 +125,8 @@ class Worker:
                      batch_max_bytes=limit)
         return wait, limit
 
-    async def _lead(self, store: Store, takeover_wait: int, batch_max_bytes: int) -> int:
+    async def _lead(self, store: Store, server: str, takeover_wait: int,
+                    batch_max_bytes: int) -> int:
         lease = WriterLease(store.lease_table(), ttl_s=self.settings.lease_ttl_s,
                             clock=self.clients.clock)
         while not self.stopping.is_set():
@@ -137,15 +135,19 @@ class Worker:
             if not await tenure.acquire():
                 break
             wait = takeover_wait if lease.took_over_expired else 0
-            end = await self._hold(store, tenure, wait, takeover_wait, batch_max_bytes)
+            end = await self._hold(store, server, tenure, wait, takeover_wait,
+                                   batch_max_bytes)
             if end is SessionEnd.FATAL:
                 return 1
             if end is SessionEnd.STOPPED:
                 break
         return 0
 
-    async def _hold(self, store: Store, tenure: Tenure, wait: int, takeover_wait: int,
-                    batch_max_bytes: int) -> SessionEnd:
+    def _wall_s(self) -> float:
+        return self.clients.clock.wall_us() / 1e6
+
+    async def _hold(self, store: Store, server: str, tenure: Tenure, wait: int,
+                    takeover_wait: int, batch_max_bytes: int) -> SessionEnd:
         """Writer sessions under one hold of the lease, until it ends."""
         while True:
             if wait:
@@ -154,7 +156,14 @@ class Worker:
                 # newer cells, could undo them. The lease is renewed meanwhile.
                 log.info("waiting for the previous writer's batches to settle", seconds=wait,
                          epoch=tenure.epoch)
-                if not await tenure.wait(wait):
+                waited = await tenure.wait(wait)
+                restarted = await restarted_node_wait(server, store.node_start_times,
+                                                      now=self._wall_s)
+                if waited and restarted > 0:
+                    log.info("waiting until a restarted database node has replayed its "
+                             "batchlog", seconds=round(restarted, 1), epoch=tenure.epoch)
+                    waited = await tenure.wait(restarted)
+                if not waited:
                     # Stopped or lapsed during the wait: keep the lease unreleased, so the
                     # next writer waits too.
                     await tenure.end(release=False, timeout_s=CLOSE_TIMEOUT_S)

@@ -87,6 +87,8 @@ class Store(Protocol):
 
     async def batch_fail_threshold(self) -> int | None: ...
 
+    async def node_start_times(self) -> list[int]: ...
+
     async def probe(self) -> None: ...
 
     async def close(self) -> None: ...
@@ -147,6 +149,23 @@ class ProductionStore(SettlementDb):
             if digits:
                 return int(digits) * 1024
         return None
+
+
+    async def node_start_times(self) -> list[int]:
+        """When each node of the cluster last started (epoch seconds, its gossip
+        generation): Cassandra's system_views.gossip_info, else the coordinator's own
+        system.local (ScyllaDB, older Cassandra)."""
+        for query in ("SELECT generation FROM system_views.gossip_info",
+                      "SELECT gossip_generation FROM system.local"):
+            try:
+                rows = list(await self.run(query) or ())
+            except Exception:  # noqa: BLE001 - this server has no such table: try the next
+                continue
+            starts = [int(row[0]) for row in rows if row[0]]
+            if starts:
+                return starts
+        raise LookupError("no node start time found in system_views.gossip_info or "
+                          "system.local")
 
 
 def production_clients(settings: Settings) -> Clients:

@@ -13,6 +13,7 @@ from settler import worker
 from settler.config import OPTIONS, env_name, load_settings
 from settler.store.lease import VALID_SHARE
 from settler.worker.main import BATCH_BYTES_SHARE, TAKEOVER_WAIT_S
+from settler.worker.takeover import NODE_UPTIME_S
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
@@ -70,6 +71,11 @@ def test_the_takeover_wait_is_derived_and_pinned_per_database() -> None:
     row = readme_row("SETTLER_TAKEOVER_WAIT_S")
     assert (f"{TAKEOVER_WAIT['cassandra']} for Cassandra" in row
             and f"{TAKEOVER_WAIT['scylla']} for ScyllaDB" in row), row
+
+
+def test_a_restarted_nodes_batchlog_bound_is_pinned_and_documented() -> None:
+    assert NODE_UPTIME_S == {"cassandra": 45, "scylla": 75}
+    assert "30-40 s after it starts" in ARCHITECTURE
 
 
 def test_validity_and_the_batch_bound_shares_are_pinned() -> None:

@@ -134,6 +134,7 @@ def test_a_database_node_that_loses_acknowledged_writes_loses_no_money() -> None
                  if sample.name.endswith("_total"))
     lost = 0
     for sim in run_all(lambda seed: shape(seed, faults=("db_kill", "db_kill+kill",
+                                                        "db_kill+kill+kill",
                                                         "db_kill+add_partition"),
                                           fault_count=2, events=250, produce_over_s=40.0,
                                           bursts=30), 12):

@@ -10,6 +10,7 @@ from settler.config import DEFAULT_REGISTRY, load_settings
 from settler.core.registry import load_registry
 from settler.worker import Worker
 from settler.worker.main import DEFAULT_BATCH_MAX_BYTES, TAKEOVER_WAIT_S
+from settler.worker.takeover import NODE_UPTIME_S, restarted_node_wait
 
 
 class Server:
@@ -28,7 +29,8 @@ class Server:
 
 def derived(product: str, threshold: int | None, **environ: str) -> tuple[int, int]:
     worker = Worker(load_settings(environ=environ), load_registry(DEFAULT_REGISTRY))
-    return asyncio.run(worker._derived(Server(product, threshold)))  # type: ignore[arg-type]
+    return asyncio.run(worker._derived(Server(product, threshold),  # type: ignore[arg-type]
+                                       product))
 
 
 @pytest.mark.parametrize(("product", "wait"), [("cassandra", 15), ("scylla", 75)])
@@ -46,3 +48,38 @@ def test_the_batch_bound_is_80_percent_of_the_servers_fail_threshold() -> None:
     assert derived("scylla", 1024 * 1024)[1] == int(0.8 * 1024 * 1024)
     assert derived("cassandra", None)[1] == DEFAULT_BATCH_MAX_BYTES
     assert derived("cassandra", 50 * 1024, SETTLER_BATCH_MAX_BYTES="10000")[1] == 10000
+
+
+def restart_wait(server: str, starts: list[int] | Exception, now: float) -> float:
+    async def node_starts() -> list[int]:
+        if isinstance(starts, Exception):
+            raise starts
+        return starts
+
+    return asyncio.run(restarted_node_wait(server, node_starts, now=lambda: now))
+
+
+def test_a_takeover_waits_until_a_restarted_node_has_replayed_its_batchlog() -> None:
+    """A node that started 10 s ago replays what it logged before it stopped 30-40 s after
+    its start (Cassandra's RING_DELAY, then its loop): the takeover wait lasts until it
+    has been up NODE_UPTIME_S."""
+    now = 1_800_000_000.0
+    assert restart_wait("cassandra", [int(now) - 10], now) == NODE_UPTIME_S["cassandra"] - 10
+    assert restart_wait("scylla", [int(now) - 10], now) == NODE_UPTIME_S["scylla"] - 10
+
+
+def test_the_most_recently_started_node_counts() -> None:
+    now = 1_800_000_000.0
+    assert restart_wait("cassandra", [int(now) - 3600, int(now) - 40, int(now) - 7200],
+                        now) == NODE_UPTIME_S["cassandra"] - 40
+
+
+def test_nodes_up_for_long_add_no_wait() -> None:
+    now = 1_800_000_000.0
+    assert restart_wait("cassandra", [int(now) - 3600], now) == 0.0
+
+
+def test_unknown_node_start_times_wait_as_if_one_just_started() -> None:
+    now = 1_800_000_000.0
+    assert restart_wait("cassandra", LookupError("no gossip"), now) == NODE_UPTIME_S["cassandra"]
+    assert restart_wait("cassandra", [], now) == NODE_UPTIME_S["cassandra"]

@@ -117,6 +117,7 @@ class SimCassandra:
     lost_on_kill: int = 0  # rows a kill took back (acknowledged writes among them)
     replay_until: float = 0.0  # the last batchlog replay scheduled by a kill
     _down_until: float = 0.0
+    started_at: float = 0.0  # its gossip generation: when the node last started
 
     # -- the request path ------------------------------------------------------------------
 
@@ -213,17 +214,22 @@ class SimCassandra:
     def _restart(self) -> None:
         if self.world.now >= self._down_until:
             self.down = False
+            if self.kills:
+                self.started_at = self.world.now
 
     def start_commitlog_sync(self) -> None:
         """Sync every COMMITLOG_SYNC_S from a random phase (only a kill needs it)."""
-        def sync() -> None:
-            self.synced_at = self.world.now
-            self._synced = (self.db.copy(), None if self.lease is None else dict(self.lease))
-            self.world.after(COMMITLOG_SYNC_S, sync)
+        def periodic() -> None:
+            self.sync()
+            self.world.after(COMMITLOG_SYNC_S, periodic)
 
+        self.sync()
+        self.world.after(self.rng.uniform(0.0, COMMITLOG_SYNC_S), periodic)
+
+    def sync(self) -> None:
+        """The commitlog synced now: what a kill keeps."""
         self.synced_at = self.world.now
         self._synced = (self.db.copy(), None if self.lease is None else dict(self.lease))
-        self.world.after(self.rng.uniform(0.0, COMMITLOG_SYNC_S), sync)
 
     def kill(self, restart_after: float) -> None:
         """SIGKILL, RF=1: the node comes back after `restart_after` with what its commitlog
@@ -455,6 +461,10 @@ class SimStore(SettlementDb):
 
     async def batch_fail_threshold(self) -> int | None:
         return self.node.faults.fail_threshold_bytes
+
+    async def node_start_times(self) -> list[int]:
+        started: list[int] = await self.request(lambda: [int(self.node.started_at)])
+        return started
 
     async def probe(self) -> None:
         await self.run(PROBE)
