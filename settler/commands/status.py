@@ -23,9 +23,8 @@ from settler.ops.status import (
     StatusReader,
     Unreachable,
     default_metrics_url,
-    document,
-    render,
 )
+from settler.ops.status_view import document, render
 
 WATCH_INTERVAL_S = 2.0
 CLEAR_SCREEN = "\x1b[H\x1b[2J"

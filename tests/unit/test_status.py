@@ -10,16 +10,9 @@ from prometheus_client import generate_latest
 
 from settler import metrics
 from settler.metrics import RecentWindow
-from settler.ops.status import (
-    DeadLetterView,
-    PartitionView,
-    Status,
-    WorkerView,
-    document,
-    metric_values,
-    render,
-    writer_line,
-)
+from settler.ops.status import DeadLetterView, PartitionView, Status
+from settler.ops.status_view import document, render, writer_line
+from settler.ops.worker_endpoint import WorkerView, metric_values
 from settler.store.lease import Holder
 
 NOW_MS = 1_800_000_000_000
