@@ -3,15 +3,17 @@
 Data flow, one module per stage: Kafka records -> `intake` (fetch, decode, load) ->
 `pipeline` (plan with the Ledger, issue claims then ONE LOGGED batch per group, land) ->
 `committing` (dead letters and offsets in one Kafka transaction). `session` runs one
-writer session (an epoch of the lease) and its rebalance rule; `tenure` holds the lease
-from taking it to releasing it; `main` alternates standby and writer tenures.
+writer session (an epoch of the lease), `rebalance` its rebalance rule and where each
+partition starts; `tenure` holds the lease from taking it to releasing it; `takeover`
+says how long a new writer waits before reading; `main` alternates standby and writer
+tenures.
 """
 
 from settler.worker.main import Worker, run_worker
+from settler.worker.rebalance import REVOKE_DRAIN_S
 from settler.worker.session import (
     CLOSE_TIMEOUT_S,
     DRAIN_TIMEOUT_S,
-    REVOKE_DRAIN_S,
     SHUTDOWN_BUDGET_S,
     SessionEnd,
 )

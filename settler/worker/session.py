@@ -3,14 +3,8 @@
 The session loop is fetch -> intake (decode, load) -> pipeline (plan, issue, land) ->
 committer, until it ends. Why it ends decides what the worker does next (`SessionEnd`).
 
-The rebalance rule (ARCHITECTURE.md "Rebalances"): when partitions are revoked, planning
-stops at once (records fetched before the revoke are dropped, never planned), in-flight
-groups drain for at most `REVOKE_DRAIN_S`, and what is settled is committed. If the drain
-completes, memory equals the database and the session goes on with the new assignment.
-If it does not, the session ends: in-flight work is abandoned with the session's memory,
-and the next session (a new epoch) waits out the takeover wait before reading. So a
-position never settles while an earlier group of the same memory carrying it may still
-be unacknowledged.
+Rebalances (settler.worker.rebalance) pause the loop; the rebalance rule may end the
+session (ABANDONED).
 """
 
 from __future__ import annotations
@@ -22,7 +16,6 @@ from enum import StrEnum
 from typing import Any, Final
 
 from aiokafka import TopicPartition
-from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import KafkaError, ProducerFenced
 
 from settler import kafka, logs, metrics
@@ -36,6 +29,7 @@ from settler.worker.intake import Intake
 from settler.worker.landing import Fatal
 from settler.worker.pipeline import Pipeline
 from settler.worker.ports import Clients, Consumer, Producer, Store
+from settler.worker.rebalance import REVOKE_DRAIN_S, Rebalance
 from settler.worker.retry import Backoff, Retrier, Stopping
 from settler.worker.tenure import Lapsed, Tenure
 
@@ -50,9 +44,6 @@ RESOLVE_TIMEOUT_S: Final = 1.0
 SHUTDOWN_BUDGET_S: Final = DRAIN_TIMEOUT_S + RESOLVE_TIMEOUT_S + 4 * CLOSE_TIMEOUT_S
 """The longest a SIGTERM may take to exit 0 (10 s). Tests and docs refer to this value."""
 
-REVOKE_DRAIN_S: Final = 20.0
-"""How long a revoke waits for in-flight groups (below the group's rebalance timeout,
-settler.kafka.REBALANCE_TIMEOUT_MS)."""
 COMMIT_TIMEOUT_S: Final = 10.0
 LAG_INTERVAL_S: Final = 5.0
 
@@ -66,7 +57,7 @@ class SessionEnd(StrEnum):
     FATAL = "fatal"  # a rejected statement or similar bug: exit 1, commit nothing more
 
 
-class WriterSession(ConsumerRebalanceListener):  # type: ignore[misc]
+class WriterSession:
     def __init__(self, *, settings: Settings, registry: Registry, clients: Clients,
                  store: Store, tenure: Tenure, progress: Progress, health: metrics.Health,
                  stopping: asyncio.Event, batch_max_bytes: int,
@@ -78,11 +69,8 @@ class WriterSession(ConsumerRebalanceListener):  # type: ignore[misc]
         self.ended = asyncio.Event()
         self.end: SessionEnd | None = None
         self.clean = False  # drained completely and committed everything settled
-        self.revoking = False
         self.idle = asyncio.Event()
         self.idle.set()
-        self._revoked = asyncio.Event()
-        self._revoked.set()
         self.consumer = clients.consumer()
         self.producer = clients.producer()
         self.ledger = Ledger(registry, settings.balance_cache_rows, settings.recent_ids,
@@ -109,6 +97,7 @@ class WriterSession(ConsumerRebalanceListener):  # type: ignore[misc]
         )
         self.intake = Intake(self.consumer, store, self.ledger, self.offsets, self.retrier,
                              settings.fetch_max_records)
+        self.rebalance = Rebalance(self)
 
     def _end(self, end: SessionEnd) -> None:
         if self.end is None:
@@ -166,7 +155,7 @@ class WriterSession(ConsumerRebalanceListener):  # type: ignore[misc]
         await self.retrier.run("kafka_connect", self.producer.start, _kafka_transient)
         await self._dead_letter_topic()
         self.health.checks["kafka"] = True
-        self.consumer.subscribe(list(self.settings.topics), listener=self)
+        self.consumer.subscribe(list(self.settings.topics), listener=self.rebalance)
 
     async def _dead_letter_topic(self) -> None:
         """Ask for the dead-letter topic's metadata up front (a broker that creates topics
@@ -186,11 +175,11 @@ class WriterSession(ConsumerRebalanceListener):  # type: ignore[misc]
                    asyncio.ensure_future(self._lag_loop())]
         try:
             while not self.ended.is_set():
-                if self.revoking:
-                    await _first(self._revoked.wait(), self.ended.wait())
+                if self.rebalance.revoking:
+                    await _first(self.rebalance.revoked.wait(), self.ended.wait())
                     continue
                 fetched = await self.intake.fetch()
-                if not fetched or self.revoking or self.ended.is_set():
+                if not fetched or self.rebalance.revoking or self.ended.is_set():
                     continue  # records fetched across a revoke are re-read from the commit
                 self.idle.clear()
                 try:
@@ -210,7 +199,7 @@ class WriterSession(ConsumerRebalanceListener):  # type: ignore[misc]
             self._end(SessionEnd.FATAL)
 
     def _pause(self) -> bool:
-        return self.revoking or self.ended.is_set()
+        return self.rebalance.revoking or self.ended.is_set()
 
     async def _finish(self, end: SessionEnd) -> None:
         if end in (SessionEnd.STOPPED, SessionEnd.ABANDONED):
@@ -246,46 +235,12 @@ class WriterSession(ConsumerRebalanceListener):  # type: ignore[misc]
 
         await asyncio.gather(close(self.consumer), close(self.producer))
 
-    # -- rebalance listener ----------------------------------------------------------------
+    def abandon(self) -> None:
+        """End the session with its memory and in-flight work (the rebalance rule)."""
+        self._end(SessionEnd.ABANDONED)
 
-    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        if self.ended.is_set() or not revoked:
-            return
-        self.revoking = True
-        self._revoked.clear()
-        self.health.checks["partitions"] = False
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + REVOKE_DRAIN_S
-        try:
-            await asyncio.wait_for(self.idle.wait(), max(0.0, deadline - loop.time()))
-            drained = await self.pipeline.drain(max(0.0, deadline - loop.time()))
-        except TimeoutError:
-            drained = False
-        drained = drained and not self.pipeline.abandoned
-        if drained and not self.ended.is_set():
-            await self._commit_in_handler(max(1.0, deadline - loop.time()))
-            if self.committer.pending():
-                # Its dead letters and offsets may still commit; re-reading the revoked
-                # partitions now would publish those dead letters again. A new session's
-                # producer settles it first (same transactional id: it completes or aborts
-                # the pending transaction before the group's offsets are read).
-                log.error("partitions revoked while the commit transaction was still "
-                          "running: ending the writer session", partitions=_names(revoked))
-                self._end(SessionEnd.ABANDONED)
-            else:
-                log.info("partitions revoked after a complete drain",
-                         partitions=_names(revoked))
-        elif not self.ended.is_set():
-            log.error("partitions revoked while work was still in flight: ending the writer "
-                      "session (its memory and in-flight work); the next one waits out the "
-                      "takeover wait", partitions=_names(revoked), drain_s=REVOKE_DRAIN_S)
-            self._end(SessionEnd.ABANDONED)
-        self.offsets.forget(revoked)
-        self.committer.forget(revoked)  # queued dead letters are re-read with their records
-        self.revoking = False
-        self._revoked.set()
-
-    async def _commit_in_handler(self, timeout: float) -> None:
+    async def commit_settled(self, timeout: float) -> None:
+        """Commit what is settled; a commit that cannot go on ends the session."""
         try:
             await self.committer.commit(timeout)
         except ProducerFenced:
@@ -297,69 +252,15 @@ class WriterSession(ConsumerRebalanceListener):  # type: ignore[misc]
             self.pipeline.fatal = self.pipeline.fatal or exc
             self._end(SessionEnd.FATAL)
 
-    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        """Start each partition where both Kafka and the database agree it was settled.
-
-        The group's committed offset says the effects of every record below it were
-        acknowledged by the database; a database that lost acknowledged writes (a node
-        killed before its periodic commitlog sync, RF=1) no longer has them. The progress
-        record of the highest committed offset is written to the same database after
-        those effects, so if it survived, they did. Each partition therefore starts at the
-        lower of the two (the earliest offset if the database has no record); the events
-        in between are planned again (the lineage rule re-applies exactly what is missing),
-        their dead letters are not published again, and the group's offset never moves
-        back (`Offsets.assigned`)."""
-        self.health.checks["partitions"] = True
-        log.info("partitions assigned", partitions=_names(assigned))
-        recorded = self.committer.progress.committed_high  # confirmed by the database
-        starts: dict[str, int] = {}
-        for tp in sorted(assigned):
-            stream = f"{tp.topic}:{tp.partition}"
-            try:
-                committed = await self._group_committed(tp)
-            except Stopping:
-                return
-            if committed is not None and committed < 0:
-                committed = None
-            self.offsets.assigned(tp, committed)
-            if committed is None:
-                continue  # never committed: the consumer's reset policy decides
-            self.committer.published_below[tp] = committed
-            if stream not in recorded:
-                log.warning("the database has no record of this partition's committed "
-                            "offset: re-reading it from its earliest offset",
-                            topic=tp.topic, partition=tp.partition, committed=committed)
-                metrics.REREAD.labels(tp.topic, tp.partition).inc()
-                await self.consumer.seek_to_beginning(tp)
-                continue
-            start = min(committed, recorded[stream])
-            if start < committed:
-                log.warning("the database confirms fewer settled events than the group's "
-                            "committed offset: re-reading the difference",
-                            topic=tp.topic, partition=tp.partition, committed=committed,
-                            confirmed=start)
-                metrics.REREAD.labels(tp.topic, tp.partition).inc()
-                self.consumer.seek(tp, start)
-            starts[stream] = start
-        # Where this session starts on each partition, even one it never commits (an idle
-        # partition must not keep older epochs unresolved for ever).
-        self.committer.progress.seed_committed(starts)
-
-    async def _group_committed(self, tp: TopicPartition) -> int | None:
-        async def attempt() -> int | None:
-            return await asyncio.wait_for(self.consumer.committed(tp), 10.0)
-
-        return await self.retrier.run("kafka_connect", attempt, _kafka_transient)
-
     # -- helpers ---------------------------------------------------------------------------
 
     async def _commit_loop(self) -> None:
         interval = self.settings.commit_interval_ms / 1000
         while True:
             await asyncio.sleep(interval)
-            if self.revoking:
+            if self.rebalance.revoking:
                 continue
-            await self._commit_in_handler(COMMIT_TIMEOUT_S)
+            await self.commit_settled(COMMIT_TIMEOUT_S)
 
     async def _lag_loop(self) -> None:
         """Lag against the brokers' end offsets every few seconds, so that it grows while

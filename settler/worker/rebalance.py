@@ -1,0 +1,144 @@
+"""The rebalance rule (ARCHITECTURE.md "Rebalances") and where each assigned partition
+starts (ARCHITECTURE.md "A database that loses acknowledged writes").
+
+On revoke (eager: every partition at once) planning stops at once: records fetched before
+the revoke are dropped, never planned; in-flight groups drain for at most
+`REVOKE_DRAIN_S` and what is settled is committed. If the drain completes, memory equals
+the database and the session goes on with the new assignment. If it does not, the
+session ends: in-flight work is abandoned with the session's memory, and the next session
+(a new epoch) waits out the takeover wait before reading. So a position never settles
+while an earlier group of the same memory carrying it may still be unacknowledged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Final
+
+from aiokafka import TopicPartition
+from aiokafka.abc import ConsumerRebalanceListener
+
+from settler import kafka, logs, metrics
+from settler.worker.retry import Stopping
+
+if TYPE_CHECKING:
+    from settler.worker.session import WriterSession
+
+log = logs.get("settler.worker")
+
+REVOKE_DRAIN_S: Final = 20.0
+"""How long a revoke waits for in-flight groups (below the group's rebalance timeout,
+settler.kafka.REBALANCE_TIMEOUT_MS)."""
+
+
+class Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    """The session's consumer rebalance listener; `revoking` pauses its loop."""
+
+    def __init__(self, session: WriterSession) -> None:
+        self.session = session
+        self.revoking = False
+        self.revoked = asyncio.Event()  # set when no revoke is being handled
+        self.revoked.set()
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        session = self.session
+        if session.ended.is_set() or not revoked:
+            return
+        self.revoking = True
+        self.revoked.clear()
+        session.health.checks["partitions"] = False
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + REVOKE_DRAIN_S
+        try:
+            await asyncio.wait_for(session.idle.wait(), max(0.0, deadline - loop.time()))
+            drained = await session.pipeline.drain(max(0.0, deadline - loop.time()))
+        except TimeoutError:
+            drained = False
+        drained = drained and not session.pipeline.abandoned
+        if drained and not session.ended.is_set():
+            await session.commit_settled(max(1.0, deadline - loop.time()))
+            if session.committer.pending():
+                # Its dead letters and offsets may still commit; re-reading the revoked
+                # partitions now would publish those dead letters again. A new session's
+                # producer settles it first (same transactional id: it completes or aborts
+                # the pending transaction before the group's offsets are read).
+                log.error("partitions revoked while the commit transaction was still "
+                          "running: ending the writer session", partitions=names(revoked))
+                session.abandon()
+            else:
+                log.info("partitions revoked after a complete drain",
+                         partitions=names(revoked))
+        elif not session.ended.is_set():
+            log.error("partitions revoked while work was still in flight: ending the writer "
+                      "session (its memory and in-flight work); the next one waits out the "
+                      "takeover wait", partitions=names(revoked), drain_s=REVOKE_DRAIN_S)
+            session.abandon()
+        session.offsets.forget(revoked)
+        session.committer.forget(revoked)  # queued dead letters are re-read with their records
+        self.revoking = False
+        self.revoked.set()
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        """Start each partition where both Kafka and the database agree it was settled.
+
+        The group's committed offset says the effects of every record below it were
+        acknowledged by the database; a database that lost acknowledged writes (a node
+        killed before its periodic commitlog sync, RF=1) no longer has them. The progress
+        record of the highest committed offset is written to the same database after
+        those effects, so if it survived, they did. Each partition therefore starts at the
+        lower of the two (the earliest offset if the database has no record); the events
+        in between are planned again (the lineage rule re-applies exactly what is missing),
+        their dead letters are not published again, and the group's offset never moves
+        back (`Offsets.assigned`)."""
+        session = self.session
+        session.health.checks["partitions"] = True
+        log.info("partitions assigned", partitions=names(assigned))
+        recorded = session.committer.progress.committed_high  # confirmed by the database
+        starts: dict[str, int] = {}
+        for tp in sorted(assigned):
+            stream = f"{tp.topic}:{tp.partition}"
+            try:
+                committed = await self._group_committed(tp)
+            except Stopping:
+                return
+            if committed is not None and committed < 0:
+                committed = None
+            session.offsets.assigned(tp, committed)
+            if committed is None:
+                continue  # never committed: the consumer's reset policy decides
+            session.committer.published_below[tp] = committed
+            if stream not in recorded:
+                log.warning("the database has no record of this partition's committed "
+                            "offset: re-reading it from its earliest offset",
+                            topic=tp.topic, partition=tp.partition, committed=committed)
+                metrics.REREAD.labels(tp.topic, tp.partition).inc()
+                await session.consumer.seek_to_beginning(tp)
+                continue
+            start = min(committed, recorded[stream])
+            if start < committed:
+                log.warning("the database confirms fewer settled events than the group's "
+                            "committed offset: re-reading the difference",
+                            topic=tp.topic, partition=tp.partition, committed=committed,
+                            confirmed=start)
+                metrics.REREAD.labels(tp.topic, tp.partition).inc()
+                session.consumer.seek(tp, start)
+            starts[stream] = start
+        # Where this session starts on each partition, even one it never commits (an idle
+        # partition must not keep older epochs unresolved for ever).
+        session.committer.progress.seed_committed(starts)
+
+    async def _group_committed(self, tp: TopicPartition) -> int | None:
+        session = self.session
+
+        async def attempt() -> int | None:
+            return await asyncio.wait_for(session.consumer.committed(tp), 10.0)
+
+        return await session.retrier.run("kafka_connect", attempt, _kafka_transient)
+
+
+def _kafka_transient(exc: BaseException) -> bool:
+    return kafka.is_transient(exc)  # a refused login or certificate is never transient
+
+
+def names(partitions: set[TopicPartition]) -> list[str]:
+    return sorted(f"{tp.topic}:{tp.partition}" for tp in partitions)
