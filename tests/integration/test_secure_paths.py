@@ -56,6 +56,7 @@ class SecureRun:
 
     env: harness.TestEnv
     records: list[SampleRecord]
+    sources: list[str]
     worker_code: int
     runs: dict[str, Run]
     transcript: Transcript
@@ -80,15 +81,18 @@ async def _create_topics(env: harness.TestEnv) -> None:
         await admin.close()
 
 
-async def _produce_over_sasl_plain(settings: Settings, records: list[SampleRecord]) -> None:
+async def _produce_over_sasl_plain(settings: Settings, records: list[SampleRecord]
+                                   ) -> list[str]:
+    """Where each record landed, as its dead letter's `settler.source` names it."""
     producer = kafka.producer(settings, linger_ms=5)
     await producer.start()
     try:
         futures = [await producer.send(settings.topics[0], value=r.value, key=r.key)
                    for r in records]
-        await asyncio.gather(*futures)
+        sent = await asyncio.gather(*futures)
     finally:
         await producer.stop()
+    return [f"{m.topic}/{m.partition}/{m.offset}" for m in sent]
 
 
 async def _serve_api_and_get(transcript: Transcript, environ: dict[str, str], api_key: str
@@ -134,7 +138,7 @@ async def secure_run(secure: SecureStack, registry: Registry,
         runs["schema"] = transcript.settler("schema", "schema", "apply", environ=environ)
         records = generate(registry, SHAPE)
         plain_settings = load_settings(environ=env.environ(**secure.environ("plain")))
-        await _produce_over_sasl_plain(plain_settings, records)
+        sources = await _produce_over_sasl_plain(plain_settings, records)
 
         worker = harness.WorkerProcess(env, "secure-worker", **secure.environ("scram"),
                                        SETTLER_LOG_LEVEL="debug")
@@ -160,7 +164,7 @@ async def secure_run(secure: SecureStack, registry: Registry,
             runs[name] = transcript.settler(name, *args, environ=environ)
         api_key = next(line.split(": ", 1)[1] for line in runs["keys create"].stdout.splitlines()
                        if line.startswith("api_key: "))
-        result = SecureRun(env, records, worker_code, runs, transcript, user_id,
+        result = SecureRun(env, records, sources, worker_code, runs, transcript, user_id,
                            api_keys=[api_key])
         (result.api_status, result.api_body,
          result.api_unknown_key_status) = await _serve_api_and_get(transcript, environ, api_key)
@@ -185,7 +189,7 @@ async def test_worker_settles_a_stream_over_sasl_ssl_scram_and_cql_tls_with_a_pa
     assert secure_run.worker_code == 0, secure_run.transcript.outputs["settler run"][-3000:]
     # Read back over CQL TLS + password (env.settings are the secure settings).
     assert_settled_exactly(secure_run.env, registry, secure_run.records)
-    await assert_dead_letters(secure_run.env, secure_run.records)
+    await assert_dead_letters(secure_run.env, secure_run.records, secure_run.sources)
 
 
 def test_schema_apply_works_over_cql_tls_with_a_password(secure_run: SecureRun) -> None:
