@@ -41,7 +41,7 @@ class Worker:
         self.clients = clients or production_clients(settings)
         self.health = metrics.Health()
         self.stopping = asyncio.Event()
-        self.refused_values: set[tuple[str, int, int]] = set()  # see Committer
+        self.refused_values: set[tuple[str, int, int]] = set()  # see DeadLetters
         self.close_timed_out = False
         self.retrier = Retrier(Backoff(settings.retry_initial_ms / 1000,
                                        settings.retry_max_ms / 1000),

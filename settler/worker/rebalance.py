@@ -74,7 +74,7 @@ class Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
                       "takeover wait", partitions=names(revoked), drain_s=REVOKE_DRAIN_S)
             session.abandon()
         session.offsets.forget(revoked)
-        session.committer.forget(revoked)  # queued dead letters are re-read with their records
+        session.dead_letters.forget(revoked)  # queued dead letters are re-read with their records
         self.revoking = False
         self.revoked.set()
 
@@ -106,7 +106,7 @@ class Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
             session.offsets.assigned(tp, committed)
             if committed is None:
                 continue  # never committed: the consumer's reset policy decides
-            session.committer.published_below[tp] = committed
+            session.dead_letters.published_below[tp] = committed
             if stream not in recorded:
                 log.warning("the database has no record of this partition's committed "
                             "offset: re-reading it from its earliest offset",

@@ -25,6 +25,7 @@ from settler.core.offsets import Offsets
 from settler.core.registry import Registry
 from settler.store.db import Progress
 from settler.worker.committing import Committer, DeadLetterRefused, ProducerBroken
+from settler.worker.dead_letters import DeadLetters
 from settler.worker.intake import Intake
 from settler.worker.landing import Fatal
 from settler.worker.pipeline import Pipeline
@@ -80,18 +81,20 @@ class WriterSession:
                                        settings.retry_max_ms / 1000),
                                ending=self.ended.is_set, wake=self.ended, health=health)
         frontier = dict(progress.frontier)
+        self.dead_letters = DeadLetters(
+            offsets=self.offsets, replayed_below=dict(progress.committed),
+            max_request_bytes=settings.kafka_max_request_bytes,
+            refused_values=set() if refused_values is None else refused_values)
         self.committer = Committer(
             producer=self.producer, consumer=self.consumer, offsets=self.offsets,
             tenure=tenure, store=store, ledger=self.ledger, progress=progress,
             frontier=frontier, topics=settings.topics, dlq_topic=settings.dlq_topic,
-            group_id=settings.group_id,
-            max_request_bytes=settings.kafka_max_request_bytes,
-            refused_values=set() if refused_values is None else refused_values,
+            group_id=settings.group_id, dead_letters=self.dead_letters,
             report=lambda kind, ok: self.retrier.report(kind, ok=ok),
         )
         self.pipeline = Pipeline(
             ledger=self.ledger, store=store, offsets=self.offsets, tenure=tenure,
-            retrier=self.retrier, registry=registry, dead_letter=self.committer.dead_letter,
+            retrier=self.retrier, registry=registry, dead_letter=self.dead_letters.dead_letter,
             frontier=frontier, ended=self.ended, batch_events=settings.batch_events,
             batch_max_bytes=batch_max_bytes, max_in_flight=settings.max_in_flight,
         )
