@@ -1,9 +1,9 @@
 """A writer session's Kafka clients: its consumer (the group member that fetches) and its
 transactional producer (dead letters and offsets, settler.worker.committing).
 
-Both connect with retries, for as long as the session goes on; the producer's start
-fences every former writer's producer (one transactional id per writer role,
-`settler.kafka.transactional_id`). Both are closed within the SIGTERM budget.
+Both connect with retries, for as long as the session goes on; the producer's start is
+what fences former writers' producers (`settler.kafka.transactional_id`). Both are closed
+within the SIGTERM budget.
 """
 
 from __future__ import annotations

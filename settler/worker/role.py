@@ -2,10 +2,9 @@
 lease; a writer holds it (settler.worker.tenure) and runs writer sessions under that hold,
 one epoch each, then is a standby again.
 
-When a hold starts by taking over an expired lease, or a session abandoned work that may
-still land, the next session first waits out the takeover wait (settler.worker.takeover).
-The lease is released only when no batch of this hold can land later; otherwise it
-expires, and the next writer waits too.
+The takeover wait (settler.worker.takeover) is waited out here: before a hold's first
+session when the lease was taken over expired, and before a new session when the last one
+abandoned work that may still land.
 """
 
 from __future__ import annotations
