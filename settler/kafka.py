@@ -316,7 +316,7 @@ def _tls_record_received(exc: BaseException) -> bool:
 
 REBALANCE_TIMEOUT_MS = 60_000
 """How long the group waits for members during a rebalance: longer than the writer's
-revoke drain (settler.worker.session.REVOKE_DRAIN_S)."""
+revoke drain (settler.worker.rebalance.REVOKE_DRAIN_S)."""
 
 
 def transactional_id(settings: Settings) -> str:

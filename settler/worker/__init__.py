@@ -2,11 +2,12 @@
 
 Data flow, one module per stage: Kafka records -> `intake` (fetch, decode, load) ->
 `pipeline` (plan with the Ledger, issue claims then ONE LOGGED batch per group, land) ->
-`committing` (dead letters and offsets in one Kafka transaction). `session` runs one
-writer session (an epoch of the lease), `rebalance` its rebalance rule and where each
-partition starts; `tenure` holds the lease from taking it to releasing it; `takeover`
-says how long a new writer waits before reading; `main` alternates standby and writer
-tenures.
+`committing` (dead letters, queued by `dead_letters`, and offsets in one Kafka
+transaction). `session` runs one writer session (an epoch of the lease), `kafka_clients`
+its consumer and producer, `rebalance` its rebalance rule and where each partition
+starts; `tenure` holds the lease from taking it to releasing it; `takeover` says how long
+a new writer waits before reading; `main` starts the worker and `role` alternates standby
+and writer tenures.
 """
 
 from settler.worker.main import Worker, run_worker

@@ -1,21 +1,20 @@
 """Committing: dead letters and consumer-group offsets go out together, in one Kafka
 transaction, and the writer's progress records follow.
 
-The commit rule (ARCHITECTURE.md "Why exactly once", point 5): an offset is committed
+The commit rule (ARCHITECTURE.md "Why exactly once", point 6): an offset is committed
 only once its event and every earlier event of its partition are durable (settled,
 dead-lettered or skipped: `Offsets.commit_ready`), and only while the lease is valid. A
-dead letter is published in the transaction that commits an offset past it, so a
-`read_committed` reader sees it exactly once per source record: a crash before the
-commit aborts both, and the next writer publishes it again. A replay (offsets rewound
-below what was once committed) may publish it again, marked `settler.ops.replay`.
+dead letter (settler.worker.dead_letters) is published in the transaction that commits an
+offset past it, so a `read_committed` reader sees it exactly once per source record: a
+crash before the commit aborts both, and the next writer publishes it again. A replay
+(offsets rewound below what was once committed) may publish it again, marked
+`settler.ops.replay`.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Final
 
 from aiokafka import TopicPartition
 from aiokafka.errors import (
@@ -24,22 +23,17 @@ from aiokafka.errors import (
     RecordTooLargeError,
     TopicAuthorizationFailedError,
 )
-from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
-from settler import kafka, logs, metrics
+from settler import logs, metrics
 from settler.core.ledger import Ledger
 from settler.core.offsets import Offsets
 from settler.store.db import Progress
-from settler.worker.intake import Item
+from settler.worker.dead_letters import DeadLetters, Letter
 from settler.worker.ports import Consumer, Producer, Store
 from settler.worker.progress import ProgressRecorder
 from settler.worker.tenure import Tenure
 
 log = logs.get("settler.worker")
-
-REPLAY_HEADER: Final = "settler.ops.replay"
-OMITTED_HEADER: Final = "settler.value-omitted"
-REQUEST_OVERHEAD_BYTES: Final = 512  # request and batch headers around one record
 
 
 class ProducerBroken(Exception):
@@ -51,100 +45,25 @@ class DeadLetterRefused(Exception):
     can be committed past an invalid record, and no retry fixes it. The worker exits 1."""
 
 
-@dataclass(slots=True)
-class Letter:
-    tp: TopicPartition
-    offset: int
-    event_kind: str
-    reason: str
-    detail: str
-    value: bytes | None
-    key: bytes | None
-    headers: list[tuple[str, bytes]] = field(default_factory=list)
-
-
 class Committer:
     def __init__(self, *, producer: Producer, consumer: Consumer,
                  offsets: Offsets[TopicPartition], tenure: Tenure, store: Store,
                  ledger: Ledger, progress: Progress, frontier: dict[str, int],
                  topics: tuple[str, ...], dlq_topic: str, group_id: str,
-                 max_request_bytes: int, refused_values: set[tuple[str, int, int]],
-                 report: Callable[[str, bool], None]) -> None:
+                 dead_letters: DeadLetters, report: Callable[[str, bool], None]) -> None:
         self.producer = producer
         self.report = report  # readiness follows the outcome of each commit
         self.consumer = consumer
         self.offsets = offsets
         self.tenure = tenure
-        self.store = store
-        self.ledger = ledger
         self.dlq_topic = dlq_topic
         self.group_id = group_id
-        self.max_request_bytes = max_request_bytes
-        # Dead letters whose value the broker refused (the topic's own size limit), by
-        # source position: for the worker's lifetime, since a refusal breaks the producer
-        # and the next session reads those records again.
-        self.refused_values = refused_values
-        self.letters: list[Letter] = []
+        self.dead_letters = dead_letters
         self._lock = asyncio.Lock()
         self._txn: asyncio.Future[None] | None = None
         self._txn_content: tuple[dict[TopicPartition, int], list[Letter]] = ({}, [])
-        # Below these offsets a partition was committed once already: a dead letter
-        # published again there comes from a replay.
-        self.replayed_below = dict(progress.committed)
-        # The group's committed position at assignment: a record below it is re-read
-        # only because the database may have lost its effect (see `Session`), and its
-        # dead letter is already published, in the transaction that committed past it.
-        self.published_below: dict[TopicPartition, int] = {}
         self.progress = ProgressRecorder(store=store, tenure=tenure, ledger=ledger,
                                          progress=progress, frontier=frontier, topics=topics)
-
-    # -- dead letters ------------------------------------------------------------------------
-
-    def dead_letter(self, item: Item, event_kind: str, reason: str, detail: str) -> None:
-        """Queue the record for the dead-letter topic; its offset may be committed now,
-        since the letter goes out in the transaction that commits past it."""
-        record = item.record
-        if record.offset < self.published_below.get(item.tp, -1):
-            self.offsets.settle(item.tp, record.offset)
-            return
-        source = f"{item.tp.topic}/{item.tp.partition}/{record.offset}"
-        headers = kafka.dead_letter_headers(record.headers, reason, source, detail)
-        if record.offset < self.replayed_below.get(item.position.stream, -1):
-            headers.append((REPLAY_HEADER, b"1"))
-        letter = Letter(item.tp, record.offset, event_kind, reason, detail, record.value,
-                        record.key, headers)
-        self._fit(letter)
-        self.letters.append(letter)
-        self.offsets.settle(item.tp, record.offset)
-
-    def _fit(self, letter: Letter) -> None:
-        """A letter above the producer's request limit can never be sent: publish it without
-        its value (key, headers and the source position stay) and say so."""
-        if (letter.tp.topic, letter.tp.partition, letter.offset) in self.refused_values:
-            self._omit_value(letter, "the broker refused it before")
-            return
-        size = DefaultRecordBatchBuilder.estimate_size_in_bytes(
-            letter.key, letter.value, letter.headers) + REQUEST_OVERHEAD_BYTES
-        if size > self.max_request_bytes:
-            self._omit_value(letter, f"larger than the producer's limit "
-                                     f"({self.max_request_bytes} bytes)")
-
-    def _omit_value(self, letter: Letter, why: str) -> None:
-        if letter.value is None:
-            return
-        original = len(letter.value)
-        letter.value = None
-        letter.headers.append((OMITTED_HEADER, str(original).encode()))
-        metrics.DLQ_VALUE_OMITTED.inc()
-        log.warning("dead letter too large: published without its value", why=why,
-                    bytes=original, topic=letter.tp.topic, partition=letter.tp.partition,
-                    offset=letter.offset)
-
-    def forget(self, partitions: set[TopicPartition]) -> None:
-        """Revoked: their queued dead letters come back when their records are re-read."""
-        self.letters = [letter for letter in self.letters if letter.tp not in partitions]
-        for tp in partitions:
-            self.published_below.pop(tp, None)
 
     def pending(self) -> bool:
         """A commit transaction is still running (not concluded by `commit`)."""
@@ -175,8 +94,7 @@ class Committer:
         return committed
 
     async def _commit(self, positions: dict[TopicPartition, int], timeout: float) -> bool:
-        letters = [letter for letter in self.letters
-                   if letter.offset < positions.get(letter.tp, -1)]
+        letters = self.dead_letters.below(positions)
         self._txn = asyncio.ensure_future(self._transaction(positions, letters))
         # Concluded by the next call; a session that ends first leaves it to Kafka (the
         # next writer's producer fences it), so its error is looked at here too.
@@ -212,10 +130,9 @@ class Committer:
                 raise ProducerBroken(f"the transactional producer failed: {error!r}")
             return False
         self.report("kafka_commit", True)
-        sent = {id(letter) for letter in letters}
-        self.letters = [letter for letter in self.letters if id(letter) not in sent]
+        self.dead_letters.published(letters)
         self.offsets.committed(positions)
-        self._after_commit(positions, letters)
+        self._after_commit(positions)
         return True
 
     async def _transaction(self, positions: dict[TopicPartition, int],
@@ -232,8 +149,7 @@ class Committer:
                    if isinstance(result, BaseException)]
         for letter, error in refused:
             if isinstance(error, MessageSizeTooLargeError | RecordTooLargeError):
-                self.refused_values.add((letter.tp.topic, letter.tp.partition, letter.offset))
-                self._omit_value(letter, f"the broker refused it: {error}")
+                self.dead_letters.value_refused(letter, error)
             elif isinstance(error, TopicAuthorizationFailedError):
                 raise DeadLetterRefused(
                     f"the dead-letter topic {self.dlq_topic!r} refuses this worker's records "
@@ -249,14 +165,7 @@ class Committer:
         except Exception as exc:
             raise ProducerBroken(f"aborting the transaction failed: {exc!r}") from exc
 
-    def _after_commit(self, positions: dict[TopicPartition, int], letters: list[Letter]
-                      ) -> None:
-        for letter in letters:
-            outcome = "conflict" if letter.reason == "conflicting_duplicate" else "invalid"
-            metrics.event(letter.event_kind, outcome, letter.reason)
-            log.warning("event dead-lettered", reason=letter.reason, detail=letter.detail,
-                        topic=letter.tp.topic, partition=letter.tp.partition,
-                        offset=letter.offset)
+    def _after_commit(self, positions: dict[TopicPartition, int]) -> None:
         self.progress.committed_at(positions)
         for tp, position in positions.items():
             metrics.COMMITTED.labels(tp.topic, tp.partition).set(position)

@@ -1,5 +1,7 @@
-"""The worker process: serve metrics, connect, and alternate between standby and writer
-tenures until stopped. Exit codes: 0 after SIGTERM/SIGINT, 1 on a non-retryable error."""
+"""The worker process: serve metrics, connect to the database and Kafka, derive the takeover
+wait and the batch bound from the database, then take the writer role (standby and writer
+tenures, settler.worker.role) until stopped. Exit codes: 0 after SIGTERM/SIGINT, 1 on a
+non-retryable error, 2 when a server refuses the settings (raised to the command)."""
 
 from __future__ import annotations
 
@@ -15,13 +17,11 @@ from cassandra import InvalidRequest
 from settler import logs, metrics
 from settler.config import ConfigError, ConnectionSettingError, Settings
 from settler.core.registry import Registry, load_registry
-from settler.store import cql
-from settler.store.lease import WriterLease
 from settler.worker.ports import Clients, Store, production_clients
 from settler.worker.retry import Backoff, Retrier, Stopping
-from settler.worker.session import CLOSE_TIMEOUT_S, SessionEnd, WriterSession
-from settler.worker.takeover import TAKEOVER_WAIT_S, restarted_node_wait
-from settler.worker.tenure import Lapsed, Tenure
+from settler.worker.role import WriterRole
+from settler.worker.session import CLOSE_TIMEOUT_S
+from settler.worker.takeover import TAKEOVER_WAIT_S
 
 log = logs.get("settler.worker")
 
@@ -32,7 +32,7 @@ BATCH_BYTES_SHARE: Final = 0.8
 
 
 class Worker:
-    """Holds the lease (or waits for it) and runs writer sessions until stopped."""
+    """Starts up, runs the writer role until stopped, and shuts down within the budget."""
 
     def __init__(self, settings: Settings, registry: Registry,
                  clients: Clients | None = None) -> None:
@@ -41,7 +41,7 @@ class Worker:
         self.clients = clients or production_clients(settings)
         self.health = metrics.Health()
         self.stopping = asyncio.Event()
-        self.refused_values: set[tuple[str, int, int]] = set()  # see Committer
+        self.refused_values: set[tuple[str, int, int]] = set()  # see DeadLetters
         self.close_timed_out = False
         self.retrier = Retrier(Backoff(settings.retry_initial_ms / 1000,
                                        settings.retry_max_ms / 1000),
@@ -94,7 +94,12 @@ class Worker:
         try:
             server = await self.retrier.run("cql_read", store.server)
             takeover_wait, batch_max_bytes = await self._derived(store, server)
-            code = await self._lead(store, server, takeover_wait, batch_max_bytes)
+            code = await WriterRole(
+                settings=self.settings, registry=self.registry, clients=self.clients,
+                store=store, server=server, health=self.health, stopping=self.stopping,
+                retrier=self.retrier, takeover_wait=takeover_wait,
+                batch_max_bytes=batch_max_bytes, refused_values=self.refused_values,
+                refused=self.refused).run()
         except Stopping:
             code = 0
         finally:
@@ -125,88 +130,6 @@ class Worker:
                      batch_max_bytes=limit)
         return wait, limit
 
-    async def _lead(self, store: Store, server: str, takeover_wait: int,
-                    batch_max_bytes: int) -> int:
-        lease = WriterLease(store.lease_table(), ttl_s=self.settings.lease_ttl_s,
-                            clock=self.clients.clock)
-        while not self.stopping.is_set():
-            self.health.role = "standby"
-            tenure = Tenure(lease, self.stopping, self._cql_down)
-            if not await tenure.acquire():
-                break
-            wait = takeover_wait if lease.took_over_expired else 0
-            end = await self._hold(store, server, tenure, wait, takeover_wait,
-                                   batch_max_bytes)
-            if end is SessionEnd.FATAL:
-                return 1
-            if end is SessionEnd.STOPPED:
-                break
-        return 0
-
-    def _wall_s(self) -> float:
-        return self.clients.clock.wall_us() / 1e6
-
-    async def _hold(self, store: Store, server: str, tenure: Tenure, wait: int,
-                    takeover_wait: int, batch_max_bytes: int) -> SessionEnd:
-        """Writer sessions under one hold of the lease, until it ends."""
-        while True:
-            if wait:
-                # A writer that died (or a session that abandoned work) may have batches in
-                # the batchlog that land later: reading rows before they do, then writing
-                # newer cells, could undo them. The lease is renewed meanwhile.
-                log.info("waiting for the previous writer's batches to settle", seconds=wait,
-                         epoch=tenure.epoch)
-                waited = await tenure.wait(wait)
-                restarted = await restarted_node_wait(server, store.node_start_times,
-                                                      now=self._wall_s)
-                if waited and restarted > 0:
-                    log.info("waiting until a restarted database node has replayed its "
-                             "batchlog", seconds=round(restarted, 1), epoch=tenure.epoch)
-                    waited = await tenure.wait(restarted)
-                if not waited:
-                    # Stopped or lapsed during the wait: keep the lease unreleased, so the
-                    # next writer waits too.
-                    await tenure.end(release=False, timeout_s=CLOSE_TIMEOUT_S)
-                    return SessionEnd.STOPPED if self.stopping.is_set() else SessionEnd.LAPSED
-            try:
-                progress = await self.retrier.run("cql_read", store.progress)
-            except Stopping:
-                await tenure.end(release=False, timeout_s=CLOSE_TIMEOUT_S)
-                return SessionEnd.STOPPED
-            self.health.role = "writer"
-            metrics.WRITER.set(1)
-            session = WriterSession(
-                settings=self.settings, registry=self.registry, clients=self.clients,
-                store=store, tenure=tenure, progress=progress, health=self.health,
-                stopping=self.stopping, batch_max_bytes=batch_max_bytes,
-                refused_values=self.refused_values)
-            try:
-                end = await session.run()
-            except ConnectionSettingError as exc:
-                self.refused("kafka", exc)
-                await tenure.end(release=True, timeout_s=CLOSE_TIMEOUT_S)  # nothing written
-                raise
-            metrics.WRITER.set(0)
-            self.health.checks["partitions"] = False
-            if end is not SessionEnd.ABANDONED:
-                # Released only when no batch of ours can land later; otherwise it expires
-                # and the next writer waits out the takeover wait.
-                await tenure.end(release=end is SessionEnd.STOPPED and session.clean,
-                                 timeout_s=CLOSE_TIMEOUT_S)
-                return end
-            # Abandoned work may still land (the batchlog): the next session waits it out.
-            wait = 0 if session.clean else takeover_wait
-            try:
-                await tenure.rotate()
-            except Lapsed:
-                await tenure.end(release=False, timeout_s=CLOSE_TIMEOUT_S)
-                return SessionEnd.LAPSED
-            except Exception as exc:
-                if not cql.is_transient(exc):
-                    raise
-                await tenure.end(release=False, timeout_s=CLOSE_TIMEOUT_S)
-                return SessionEnd.LAPSED
-
     async def _check_kafka(self) -> None:
         """A refused Kafka login must end a standby too, not only the writer that would meet
         it when its session starts. One bounded attempt: a broker that is merely down is
@@ -225,11 +148,6 @@ class Worker:
         self.health.error = str(exc)
         log.error("a server refused the settings; exiting without retry",
                   setting=exc.setting, server=exc.server, error=str(exc))
-
-    def _cql_down(self, exc: BaseException) -> None:
-        self.health.checks["cql"] = False
-        metrics.retry("cql_lease")
-        log.warning("database unavailable, retrying", error=repr(exc))
 
 
 def run_worker(settings: Settings) -> int:

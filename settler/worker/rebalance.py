@@ -74,7 +74,7 @@ class Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
                       "takeover wait", partitions=names(revoked), drain_s=REVOKE_DRAIN_S)
             session.abandon()
         session.offsets.forget(revoked)
-        session.committer.forget(revoked)  # queued dead letters are re-read with their records
+        session.dead_letters.forget(revoked)  # queued dead letters are re-read with their records
         self.revoking = False
         self.revoked.set()
 
@@ -106,13 +106,13 @@ class Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
             session.offsets.assigned(tp, committed)
             if committed is None:
                 continue  # never committed: the consumer's reset policy decides
-            session.committer.published_below[tp] = committed
+            session.dead_letters.published_below[tp] = committed
             if stream not in recorded:
                 log.warning("the database has no record of this partition's committed "
                             "offset: re-reading it from its earliest offset",
                             topic=tp.topic, partition=tp.partition, committed=committed)
                 metrics.REREAD.labels(tp.topic, tp.partition).inc()
-                await session.consumer.seek_to_beginning(tp)
+                await session.kafka.consumer.seek_to_beginning(tp)
                 continue
             start = min(committed, recorded[stream])
             if start < committed:
@@ -121,7 +121,7 @@ class Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
                             topic=tp.topic, partition=tp.partition, committed=committed,
                             confirmed=start)
                 metrics.REREAD.labels(tp.topic, tp.partition).inc()
-                session.consumer.seek(tp, start)
+                session.kafka.consumer.seek(tp, start)
             starts[stream] = start
         # Where this session starts on each partition, even one it never commits (an idle
         # partition must not keep older epochs unresolved for ever).
@@ -131,13 +131,9 @@ class Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         session = self.session
 
         async def attempt() -> int | None:
-            return await asyncio.wait_for(session.consumer.committed(tp), 10.0)
+            return await asyncio.wait_for(session.kafka.consumer.committed(tp), 10.0)
 
-        return await session.retrier.run("kafka_connect", attempt, _kafka_transient)
-
-
-def _kafka_transient(exc: BaseException) -> bool:
-    return kafka.is_transient(exc)  # a refused login or certificate is never transient
+        return await session.retrier.run("kafka_connect", attempt, kafka.is_transient)
 
 
 def names(partitions: set[TopicPartition]) -> list[str]:

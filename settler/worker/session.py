@@ -11,24 +11,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from enum import StrEnum
 from typing import Any, Final
 
 from aiokafka import TopicPartition
-from aiokafka.errors import KafkaError, ProducerFenced
+from aiokafka.errors import ProducerFenced
 
-from settler import kafka, logs, metrics
+from settler import logs, metrics
 from settler.config import ConnectionSettingError, Settings
 from settler.core.ledger import Ledger
 from settler.core.offsets import Offsets
 from settler.core.registry import Registry
 from settler.store.db import Progress
 from settler.worker.committing import Committer, DeadLetterRefused, ProducerBroken
+from settler.worker.dead_letters import DeadLetters
 from settler.worker.intake import Intake
+from settler.worker.kafka_clients import KafkaClients
 from settler.worker.landing import Fatal
 from settler.worker.pipeline import Pipeline
-from settler.worker.ports import Clients, Consumer, Producer, Store
+from settler.worker.ports import Clients, Store
 from settler.worker.rebalance import REVOKE_DRAIN_S, Rebalance
 from settler.worker.retry import Backoff, Retrier, Stopping
 from settler.worker.tenure import Lapsed, Tenure
@@ -45,7 +47,6 @@ SHUTDOWN_BUDGET_S: Final = DRAIN_TIMEOUT_S + RESOLVE_TIMEOUT_S + 4 * CLOSE_TIMEO
 """The longest a SIGTERM may take to exit 0 (10 s). Tests and docs refer to this value."""
 
 COMMIT_TIMEOUT_S: Final = 10.0
-LAG_INTERVAL_S: Final = 5.0
 
 
 class SessionEnd(StrEnum):
@@ -71,8 +72,7 @@ class WriterSession:
         self.clean = False  # drained completely and committed everything settled
         self.idle = asyncio.Event()
         self.idle.set()
-        self.consumer = clients.consumer()
-        self.producer = clients.producer()
+        self.kafka = KafkaClients(clients, dlq_topic=settings.dlq_topic, health=health)
         self.ledger = Ledger(registry, settings.balance_cache_rows, settings.recent_ids,
                              epoch=tenure.epoch, resolved=progress.resolved)
         self.offsets: Offsets[TopicPartition] = Offsets()
@@ -80,22 +80,24 @@ class WriterSession:
                                        settings.retry_max_ms / 1000),
                                ending=self.ended.is_set, wake=self.ended, health=health)
         frontier = dict(progress.frontier)
+        self.dead_letters = DeadLetters(
+            offsets=self.offsets, replayed_below=dict(progress.committed),
+            max_request_bytes=settings.kafka_max_request_bytes,
+            refused_values=set() if refused_values is None else refused_values)
         self.committer = Committer(
-            producer=self.producer, consumer=self.consumer, offsets=self.offsets,
+            producer=self.kafka.producer, consumer=self.kafka.consumer, offsets=self.offsets,
             tenure=tenure, store=store, ledger=self.ledger, progress=progress,
             frontier=frontier, topics=settings.topics, dlq_topic=settings.dlq_topic,
-            group_id=settings.group_id,
-            max_request_bytes=settings.kafka_max_request_bytes,
-            refused_values=set() if refused_values is None else refused_values,
+            group_id=settings.group_id, dead_letters=self.dead_letters,
             report=lambda kind, ok: self.retrier.report(kind, ok=ok),
         )
         self.pipeline = Pipeline(
             ledger=self.ledger, store=store, offsets=self.offsets, tenure=tenure,
-            retrier=self.retrier, registry=registry, dead_letter=self.committer.dead_letter,
+            retrier=self.retrier, registry=registry, dead_letter=self.dead_letters.dead_letter,
             frontier=frontier, ended=self.ended, batch_events=settings.batch_events,
             batch_max_bytes=batch_max_bytes, max_in_flight=settings.max_in_flight,
         )
-        self.intake = Intake(self.consumer, store, self.ledger, self.offsets, self.retrier,
+        self.intake = Intake(self.kafka.consumer, store, self.ledger, self.offsets, self.retrier,
                              settings.fetch_max_records)
         self.rebalance = Rebalance(self)
 
@@ -106,20 +108,23 @@ class WriterSession:
 
     async def run(self) -> SessionEnd:
         watchers = [
-            self._watch(self.stopping, SessionEnd.STOPPED),
-            self._watch(self.tenure.lapsed, SessionEnd.LAPSED),
+            _when_set(self.stopping, lambda: self._end(SessionEnd.STOPPED)),
+            _when_set(self.tenure.lapsed, lambda: self._end(SessionEnd.LAPSED)),
         ]
         try:
-            await self._start_clients()
+            await self.kafka.start(self.retrier, self.settings.topics, self.rebalance)
         except Stopping:
             pass
         except ConnectionSettingError:
             for watcher in watchers:
                 watcher.cancel()
-            await self._close_clients()
+            await self.kafka.close(CLOSE_TIMEOUT_S)
             raise  # a refused login: the worker exits 2 naming the setting
         else:
-            await self._until_ended(self._loop())
+            # A loop stuck on a read (the database frozen) must not hold a SIGTERM up.
+            # Cancelling it is safe: reads have no effect, and what it issued drains on its
+            # own.
+            await _until_set(self.ended, self._loop())
         for watcher in watchers:
             watcher.cancel()
         end = self.end or SessionEnd.STOPPED
@@ -127,52 +132,9 @@ class WriterSession:
         metrics.SESSIONS.labels(end.value).inc()
         return end
 
-    async def _until_ended(self, loop: Coroutine[Any, Any, None]) -> None:
-        """Run the loop until it returns or the session ends, whichever is first: a loop
-        stuck on a read (the database frozen) must not hold a SIGTERM up. Cancelling it is
-        safe: reads have no effect, and what it issued drains on its own."""
-        task = asyncio.ensure_future(loop)
-        ended = asyncio.ensure_future(self.ended.wait())
-        try:
-            await asyncio.wait({task, ended}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            ended.cancel()
-            if not task.done():
-                task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-    def _watch(self, event: asyncio.Event, end: SessionEnd) -> asyncio.Task[None]:
-        async def watch() -> None:
-            await event.wait()
-            self._end(end)
-
-        return asyncio.ensure_future(watch())
-
-    async def _start_clients(self) -> None:
-        # The transactional producer's start fences every former writer's producer.
-        await self.retrier.run("kafka_connect", self.consumer.start, _kafka_transient)
-        await self.retrier.run("kafka_connect", self.producer.start, _kafka_transient)
-        await self._dead_letter_topic()
-        self.health.checks["kafka"] = True
-        self.consumer.subscribe(list(self.settings.topics), listener=self.rebalance)
-
-    async def _dead_letter_topic(self) -> None:
-        """Ask for the dead-letter topic's metadata up front (a broker that creates topics
-        creates it now), so the first dead letter does not wait for it."""
-        topic = self.settings.dlq_topic
-        try:
-            found = await asyncio.wait_for(self.producer.partitions_for(topic), 5.0)
-        except (KafkaError, TimeoutError) as exc:
-            found = None
-            log.warning("dead-letter topic not found yet; dead letters wait for it",
-                        topic=topic, error=repr(exc))
-        if found is not None and not found:
-            log.warning("dead-letter topic has no partitions yet", topic=topic)
-
     async def _loop(self) -> None:
         helpers = [asyncio.ensure_future(self._commit_loop()),
-                   asyncio.ensure_future(self._lag_loop())]
+                   asyncio.ensure_future(self.kafka.report_lag(self.offsets))]
         try:
             while not self.ended.is_set():
                 if self.rebalance.revoking:
@@ -201,6 +163,14 @@ class WriterSession:
     def _pause(self) -> bool:
         return self.rebalance.revoking or self.ended.is_set()
 
+    async def _commit_loop(self) -> None:
+        interval = self.settings.commit_interval_ms / 1000
+        while True:
+            await asyncio.sleep(interval)
+            if self.rebalance.revoking:
+                continue
+            await self.commit_settled(COMMIT_TIMEOUT_S)
+
     async def _finish(self, end: SessionEnd) -> None:
         if end in (SessionEnd.STOPPED, SessionEnd.ABANDONED):
             # Clean: no group of this session can land later (the lease may be released,
@@ -218,7 +188,7 @@ class WriterSession:
             log.error("stopping on a non-retryable error; nothing more is committed",
                       error=repr(self.pipeline.fatal))
         self.pipeline.abandon()  # abandoned groups are re-read from the committed offsets
-        await self._close_clients()
+        await self.kafka.close(CLOSE_TIMEOUT_S)
 
     async def _commit_quietly(self, timeout: float) -> None:
         try:
@@ -226,14 +196,6 @@ class WriterSession:
         except (ProducerFenced, ProducerBroken, DeadLetterRefused) as exc:
             log.warning("final commit failed; the next writer re-reads from the last one",
                         error=repr(exc))
-
-    async def _close_clients(self) -> None:
-        async def close(client: Consumer | Producer) -> None:
-            # aiokafka may re-raise the CancelledError of one of its own internal tasks.
-            with contextlib.suppress(Exception, asyncio.CancelledError):
-                await asyncio.wait_for(client.stop(), CLOSE_TIMEOUT_S)
-
-        await asyncio.gather(close(self.consumer), close(self.producer))
 
     def abandon(self) -> None:
         """End the session with its memory and in-flight work (the rebalance rule)."""
@@ -252,38 +214,28 @@ class WriterSession:
             self.pipeline.fatal = self.pipeline.fatal or exc
             self._end(SessionEnd.FATAL)
 
-    # -- helpers ---------------------------------------------------------------------------
-
-    async def _commit_loop(self) -> None:
-        interval = self.settings.commit_interval_ms / 1000
-        while True:
-            await asyncio.sleep(interval)
-            if self.rebalance.revoking:
-                continue
-            await self.commit_settled(COMMIT_TIMEOUT_S)
-
-    async def _lag_loop(self) -> None:
-        """Lag against the brokers' end offsets every few seconds, so that it grows while
-        settling is stalled (database down) instead of freezing at the last commit."""
-        while True:
-            await asyncio.sleep(LAG_INTERVAL_S)
-            assigned = list(self.consumer.assignment())
-            committed = self.offsets.last_committed()
-            try:
-                ends = await asyncio.wait_for(self.consumer.end_offsets(assigned), 10)
-            except (KafkaError, TimeoutError):
-                continue
-            for tp, end in ends.items():
-                if tp in committed:
-                    metrics.LAG.labels(tp.topic, tp.partition).set(max(0, end - committed[tp]))
 
 
-def _kafka_transient(exc: BaseException) -> bool:
-    return kafka.is_transient(exc)  # a refused login or certificate is never transient
+async def _until_set(event: asyncio.Event, work: Coroutine[Any, Any, None]) -> None:
+    """Run `work` until it returns or `event` is set, whichever is first."""
+    task = asyncio.ensure_future(work)
+    ended = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait({task, ended}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        ended.cancel()
+        if not task.done():
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
-def _names(partitions: set[TopicPartition]) -> list[str]:
-    return sorted(f"{tp.topic}:{tp.partition}" for tp in partitions)
+def _when_set(event: asyncio.Event, then: Callable[[], None]) -> asyncio.Task[None]:
+    async def watch() -> None:
+        await event.wait()
+        then()
+
+    return asyncio.ensure_future(watch())
 
 
 async def _first(*waits: Coroutine[Any, Any, Any]) -> None:

@@ -4,7 +4,7 @@ past it is committed.
 The dead-letter topic takes records up to its max.message.bytes (here 4 KiB; a cluster
 whose message.max.bytes is below the worker's kafka_max_request_bytes, 1 MiB by default,
 is the same case). A 6 KB record that cannot be decoded fits the producer's limit, so
-the committer keeps its value (`Committer._fit`) and the broker refuses it
+the worker keeps its value (`DeadLetters._fit`) and the broker refuses it
 (MESSAGE_TOO_LARGE). aiokafka fails that record's send future but still commits the
 transaction, offsets included (message_accumulator.flush_for_commit waits for the batch
 and ignores its error); the committer awaits the send futures only after

@@ -4,7 +4,7 @@ The rebalance rule ends a revoke with "what is settled is committed" and forgets
 revoked partitions' offsets, then re-reads them from the group's committed offsets. But
 the commit in the revoke handler may not conclude (Kafka slow: `_conclude` times out and
 leaves the transaction running, or the transaction failed and was aborted), and the
-queued dead letters (`Committer.letters`) are kept. The single writer is assigned the
+queued dead letters (`DeadLetters.letters`) are kept. The single writer is assigned the
 same partitions again and re-reads from the last committed offset, so every dead letter
 of the unconcluded transaction is queued a second time. Then:
 - if the pending transaction commits later (aiokafka's transactional calls wait for the

@@ -1,9 +1,9 @@
 """Red team, resolved epochs: "rows need lineage only for epochs that may still hold an
 unfinished event ... usually one lineage entry, whatever the number of input
 partitions". A session records `resolved` only once it has committed past the frontier
-it found at its start on EVERY input partition (`Committer._record_progress`,
+it found at its start on EVERY input partition (`ProgressRecorder.record`,
 `resolve_at_clean_end`), and it counts as committed only what it committed itself
-(`Committer.committed`, filled by its own transactions). A partition that receives no
+(`ProgressRecorder.committed`, filled by its own transactions). A partition that receives no
 record during the session is never committed by it, so no session resolves while any
 partition is idle, however complete everything is. Each writer session (every deploy,
 takeover, rotation) then adds one lineage entry to every row it writes, for ever: the
