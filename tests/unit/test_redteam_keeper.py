@@ -69,8 +69,8 @@ async def _end_during_a_renewal_answer(release: bool) -> tuple[bool, int, str | 
     renewed_after_end = row.renewals - renewals
     for task in ending:
         task.cancel()
-    if tenure._keeper is not None:  # noqa: SLF001 - stop what the test left running
-        tenure._keeper.cancel()  # noqa: SLF001
+    if tenure._keeper is not None:
+        tenure._keeper.cancel()
     return bool(done), renewed_after_end, None if row.holder is None else row.holder.owner
 
 
