@@ -22,10 +22,14 @@ node it is the single-node simulation (the control).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import gc
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
+from unittest import mock
 
 import pytest
 from aiokafka import TopicPartition
@@ -34,7 +38,7 @@ from cassandra import Unavailable
 from settler.ops.sample import SampleRecord
 from settler.store.batches import Batch
 from tests.unit.sim.cassandra import SimCassandra, _rows_changed_since
-from tests.unit.sim.kafka import SimRecord
+from tests.unit.sim.kafka import SimConsumer, SimRecord
 from tests.unit.sim.run import TOPIC, Scenario
 from tests.unit.sim.scripted import ScriptedSimulation, Takeover, logged, record_ids
 from tests.unit.simdb import _QUERIES, PRIMARY_KEYS, SimDb, mutations
@@ -331,23 +335,28 @@ def _deposit(event_id: int, user: int, amount: int, ts: int) -> bytes:
             f'"asset_id": 1, "amount": {amount}, "ts": {ts}}}').encode()
 
 
+@dataclass
 class _ConflictStream(ScriptedSimulation):
-    """The engine's stream, written by hand: partition 0 gets 30 deposits then copy A of
-    id CONFLICT_ID, partition 1 a few deposits; copy B of the same id (other content)
-    arrives in partition 1 later, while the database is down."""
+    """The engine's stream, written by hand: partition `first` gets 30 deposits then copy
+    A of id CONFLICT_ID, the other partition a few deposits; copy B of the same id (other
+    content) arrives in partition `second` later, while the database is down."""
+
+    first: int = 0
+    second: int = 1
 
     def engine(self) -> None:
         plan: list[tuple[float, int, SampleRecord]] = []
+        first, other = self.first, 1 - self.first
         for n in range(30):
-            plan.append((1.5 + n * 0.02, 0, SampleRecord(
-                b"p0", _deposit(1000 + n, 10_001 + n % 5, 100_000_000, 1_700_000_001_000 + n))))
-        plan.append((2.2, 0, SampleRecord(
-            b"p0", _deposit(CONFLICT_ID, CONFLICT_USER, 700_000_000, 1_700_000_002_200))))
+            plan.append((1.5 + n * 0.02, first, SampleRecord(
+                b"a", _deposit(1000 + n, 10_001 + n % 5, 100_000_000, 1_700_000_001_000 + n))))
+        plan.append((2.2, first, SampleRecord(
+            b"a", _deposit(CONFLICT_ID, CONFLICT_USER, 700_000_000, 1_700_000_002_200))))
         for n in range(5):
-            plan.append((1.5 + n * 0.05, 1, SampleRecord(
-                b"p1", _deposit(2000 + n, 10_006 + n % 3, 100_000_000, 1_700_000_001_500 + n))))
-        plan.append((20.0, 1, SampleRecord(
-            b"p1", _deposit(CONFLICT_ID, CONFLICT_USER, 300_000_000, 1_700_000_020_000),
+            plan.append((1.5 + n * 0.05, other, SampleRecord(
+                b"b", _deposit(2000 + n, 10_006 + n % 3, 100_000_000, 1_700_000_001_500 + n))))
+        plan.append((20.0, self.second, SampleRecord(
+            b"c", _deposit(CONFLICT_ID, CONFLICT_USER, 300_000_000, 1_700_000_020_000),
             expect="conflicting_duplicate")))
         self.records = [record for _, _, record in sorted(plan, key=lambda p: p[0])]
         for when, partition, record in plan:
@@ -359,9 +368,11 @@ class _ConflictStream(ScriptedSimulation):
             self.world.at(self.world.now + when, publish)
 
 
-def _conflict_history(seed: int, *, kill_node: bool = True) -> _ConflictStream:
+def _conflict_history(seed: int, *, kill_node: bool = True, first: int = 0,
+                      second: int = 1) -> _ConflictStream:
     sim = _ConflictStream(Scenario(seed=seed, events=10, partitions=2, faults=(),
-                                   duplicate_rate=0.0, malformed_rate=0.0))
+                                   duplicate_rate=0.0, malformed_rate=0.0),
+                          first=first, second=second)
     node = sim.node
     node.start_commitlog_sync = lambda: node.sync()  # type: ignore[method-assign]
 
@@ -372,7 +383,7 @@ def _conflict_history(seed: int, *, kill_node: bool = True) -> _ConflictStream:
     def kill(sim: ScriptedSimulation) -> None:
         committed = {tp.partition: offset for tp, offset in sim.kafka.committed.items()}
         sim.note(f"node killed (SIGKILL, back in 15 s); group committed {committed}")
-        assert committed.get(0, 0) > 30, "copy A was not committed before the kill"
+        assert committed.get(first, 0) > 30, "copy A was not committed before the kill"
         node.kill(15.0)
 
     sim.script += [(1.0, sync)] + ([(8.0, kill)] if kill_node else [])
@@ -432,6 +443,175 @@ def test_a_conflicting_copy_settled_then_lost_is_neither_settled_nor_dead_letter
         sim.run()
         assert sim.node.kills == 1 and sim.node.lost_on_kill > 0
         _copies_decided_once(sim)
+    except BaseException:
+        print(sim.describe())
+        raise
+
+
+# -- records fetched before the listener moved the partition back ---------------------------
+
+OFFSET_FETCH_S = 0.5
+
+
+@contextlib.contextmanager
+def _slow_group_coordinator() -> Iterator[None]:
+    """Every OffsetFetch to the group coordinator takes OFFSET_FETCH_S (a coordinator
+    loading its offsets partition after a broker restart answers
+    COORDINATOR_LOAD_IN_PROGRESS and the client retries). aiokafka then behaves as
+    follows (aiokafka 0.12, consumer/group_coordinator.py `_on_join_complete`): the
+    assignment is installed and the committed-offsets refresh task started (ONE
+    OffsetFetch for every partition) before `on_partitions_assigned` runs; the fetcher
+    fetches each partition from its committed offset as soon as that answer is in, and
+    `getmany` returns those records at once (the reassignment is no longer "in
+    progress"), while the listener asks the coordinator again, one partition after the
+    other, before seeking. The simulated consumer had positions at once and a fast
+    coordinator; here positions wait for the one refresh, `committed()` for its own."""
+    assign, committed, fetch = SimConsumer.assign, SimConsumer.committed, SimConsumer._fetch
+
+    def slow_assign(self: SimConsumer, partitions: Any, generation: int) -> None:
+        self.positions_known_at = self.kafka.world.now + OFFSET_FETCH_S  # type: ignore[attr-defined]
+        assign(self, partitions, generation)
+
+    async def slow_committed(self: SimConsumer, partition: TopicPartition) -> int | None:
+        await asyncio.sleep(OFFSET_FETCH_S)
+        return await committed(self, partition)
+
+    def slow_fetch(self: SimConsumer, max_records: int) -> Any:
+        if self.kafka.world.now < getattr(self, "positions_known_at", 0.0):
+            return {}
+        return fetch(self, max_records)
+
+    with mock.patch.multiple(SimConsumer, assign=slow_assign, committed=slow_committed,
+                             _fetch=slow_fetch):
+        yield
+
+
+@pytest.mark.xfail(strict=True, reason="records fetched from the group's commit before "
+                   "on_partitions_assigned seeks the partition back are planned before the "
+                   "re-read window: a later copy of an id wins over the earlier one in the "
+                   "SAME partition, whose dead letter is then suppressed")
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_record_fetched_before_the_seek_back_overtakes_the_reread_window(seed: int) -> None:
+    """History (one node, one partition for both copies): copy A of id K is settled
+    from partition 1 (offset 30) and committed past; the node is SIGKILLed and loses it
+    (claim, effect, progress records). Copy B of K, other content, arrives at offset 31
+    of the same partition while the node is down. The next session is assigned both
+    partitions; its group coordinator answers OffsetFetch in 0.5 s: aiokafka's refresh
+    task learns the committed offsets (31 for partition 1) and the fetcher returns
+    offset 31 onwards while `on_partitions_assigned` is still asking for partition 1's
+    commit (it asks partition 0's first). B is planned first, finds no claim and is
+    settled; then the listener seeks partition 1 back to its beginning, A is re-read, is
+    a conflict, and its dead letter is suppressed (below the group's commit). The
+    partition's order is inverted and A is neither settled nor dead-lettered.
+
+    Reachable: aiokafka starts fetching before the assignment callback returns, and the
+    callback awaits one OffsetFetch per partition (seconds under a coordinator
+    failover). Without a conflict the same race reorders planning, and it can also make
+    the re-read meet a record whose first plan is still in flight (ReplanInFlight: the
+    worker exits 1)."""
+    sim = _conflict_history(seed, first=1, second=1)
+    try:
+        with _slow_group_coordinator():
+            sim.run()
+        assert sim.node.kills == 1 and sim.node.lost_on_kill > 0
+        _copies_decided_once(sim)
+    except BaseException:
+        print(sim.describe())
+        raise
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("slow", [False, True])
+def test_control_both_copies_in_one_partition(seed: int, slow: bool) -> None:
+    """The same partition, the same kill, a fast coordinator: the re-read window is
+    planned first, A wins again, B is dead-lettered. And with the slow coordinator but
+    no kill: A's claim survives, B is a conflict whatever the order."""
+    sim = _conflict_history(seed, first=1, second=1, kill_node=not slow)
+    try:
+        with _slow_group_coordinator() if slow else contextlib.nullcontext():
+            sim.run()
+        _copies_decided_once(sim)
+        sim.check()
+    except BaseException:
+        print(sim.describe())
+        raise
+
+
+def _replan_history(seed: int) -> tuple[ScriptedSimulation, dict[str, Any]]:
+    """No database loss at all: the writer dies between the Kafka commit and the
+    progress record, so the next session re-reads the last commit interval."""
+    state: dict[str, Any] = {"armed": False, "dead": None, "session_at": None}
+    sim = ScriptedSimulation(Scenario(seed=seed, events=240, partitions=2, produce_over_s=40,
+                                      bursts=30, faults=(), duplicate_rate=0.0,
+                                      malformed_rate=0.0, batch_events=4))
+
+    def on_send(sim: ScriptedSimulation, store: Any, statement: Any) -> Takeover:
+        name = sim.worker_named(store.process.name)
+        if (state["armed"] and state["dead"] is None and isinstance(statement, Batch)
+                and any(n == "write_progress" and p[1] == "committed"
+                        and p[2].endswith(":1") for n, p in statement.statements)):
+            state["dead"] = name
+            sim.note(f"{store.process.name} killed after its Kafka commit, before its "
+                     "progress record")
+            sim.workers[name].process.kill()
+            sim.world.after(30.0, lambda: sim.start_worker(name))  # its supervisor
+            return asyncio.Event().wait()  # never sent: the process is gone
+        if (state["dead"] is not None and name != state["dead"] and logged(statement)
+                and record_ids(statement)):
+            if state["session_at"] is None:
+                state["session_at"] = sim.world.now
+            if sim.world.now < state["session_at"] + 2.0:
+                # A slow answer (the node compacting): applied now, acknowledged in 3 s.
+                return sim.answered_at(statement, sim.world.now + 3.0)
+        return None
+
+    def arm(sim: ScriptedSimulation) -> None:
+        state["armed"] = True
+
+    sim.on_send.append(on_send)
+    sim.script.append((10.0, arm))
+    return sim, state
+
+
+@pytest.mark.xfail(strict=True, reason="a record fetched from the group's commit before "
+                   "the listener seeks back is planned, then re-read behind the window "
+                   "while its first plan is in flight: ReplanInFlight, the worker exits 1")
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_record_fetched_before_the_seek_back_is_replanned_in_flight(seed: int) -> None:
+    """History (no database loss): writer A is killed after its Kafka commit and before
+    its progress record, so the database confirms one commit interval less than Kafka.
+    Standby B takes over; its group coordinator answers OffsetFetch in 0.5 s. The
+    fetcher returns partition 1 from the group's commit while `on_partitions_assigned`
+    is still asking for partition 1's commit; B plans those records; the node answers
+    their batch slowly (3 s). The listener then seeks partition 1 back to the database's
+    record; the re-read passes the group's commit again and meets a record whose first
+    plan is still in flight: the Ledger refuses (ReplanInFlight), the session ends FATAL
+    and the worker exits 1 (ARCHITECTURE: "The rebalance rule makes this impossible").
+
+    Reachable: a crash between the commit transaction and the progress write is the
+    ordinary case the new rule exists for; the rest is aiokafka fetching during the
+    assignment callback (see the previous test) and a node answering slowly."""
+    sim, state = _replan_history(seed)
+    try:
+        with _slow_group_coordinator():
+            sim.run()
+        assert state["dead"] is not None and state["session_at"] is not None
+        sim.check()
+    except BaseException:
+        print(sim.describe())
+        raise
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_control_the_same_crash_with_a_prompt_coordinator(seed: int) -> None:
+    """The same crash between the Kafka commit and the progress record, the same slow
+    batches: with the listener done before the first fetch the window is re-read first
+    and the worker settles everything exactly."""
+    sim, state = _replan_history(seed)
+    try:
+        sim.run()
+        assert state["dead"] is not None and state["session_at"] is not None
+        sim.check()
     except BaseException:
         print(sim.describe())
         raise
