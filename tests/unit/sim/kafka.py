@@ -235,6 +235,11 @@ class SimConsumer:
         self._highwater: dict[TopicPartition, int] = {}
         self._steps = asyncio.Lock()
         self.stopped = False
+        # What a fetch response was served for: the assignment, the partition's last seek
+        # and the position it read from (see `getmany`).
+        self._assignments = 0
+        self._seeks: dict[TopicPartition, int] = {}
+        self._served: dict[TopicPartition, tuple[int, int, int]] = {}
 
     async def start(self) -> None:
         await self.kafka.request(lambda: None, timeout=5.0)
@@ -266,6 +271,7 @@ class SimConsumer:
 
     async def _revoke(self) -> None:
         revoked, self._assignment = set(self._assignment), set()
+        self._assignments += 1
         if revoked and self.listener is not None:
             await self.listener.on_partitions_revoked(revoked)
 
@@ -292,6 +298,7 @@ class SimConsumer:
                 # Positions come from the committed offsets when the assignment arrives.
                 self.positions = {tp: self.kafka.committed.get(tp, 0) for tp in partitions}
                 self._assignment = set(partitions)
+                self._assignments += 1
                 self.rebalancing = False
                 if self.listener is not None:
                     await self.listener.on_partitions_assigned(set(partitions))
@@ -307,6 +314,17 @@ class SimConsumer:
             await asyncio.sleep(timeout_ms / 1000)
             return {}
         fetched = await self.kafka.request(lambda: self._fetch(max_records or 500))
+        # As aiokafka: records are handed out (and the position moves past them) only
+        # while their assignment is still the active one and their partition's position
+        # is still the offset they were fetched from (FetchResult.check_assignment;
+        # seek_to drops what is buffered). A response that arrives after a rebalance
+        # began or after a seek of its partition is dropped; one the client gave up on
+        # (a timeout) never moved the position.
+        served, self._served = self._served, {}
+        fetched = {tp: records for tp, records in fetched.items()
+                   if served.get(tp) == (*self._token(tp), self.positions.get(tp))}
+        for tp, records in fetched.items():
+            self.positions[tp] = records[-1].offset + 1
         if not fetched:
             await asyncio.sleep(timeout_ms / 1000)
         return dict(fetched)
@@ -323,7 +341,7 @@ class SimConsumer:
             if count <= 0:
                 continue
             out[tp] = [_record(tp, offset, log[offset]) for offset in range(start, start + count)]
-            self.positions[tp] = start + count
+            self._served[tp] = (*self._token(tp), start)
             self._highwater[tp] = len(log)
         return out
 
@@ -335,9 +353,13 @@ class SimConsumer:
             lambda: self.kafka.committed.get(partition))
         return offset
 
+    def _token(self, tp: TopicPartition) -> tuple[int, int]:
+        return self._assignments, self._seeks.get(tp, 0)
+
     def seek(self, partition: TopicPartition, offset: int) -> None:
         assert partition in self._assignment, f"seek on {partition}, not assigned"
         self.positions[partition] = offset
+        self._seeks[partition] = self._seeks.get(partition, 0) + 1
 
     async def seek_to_beginning(self, *partitions: TopicPartition) -> bool:
         for partition in partitions:
