@@ -19,6 +19,7 @@ from aiokafka import TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 
 from settler import kafka, logs, metrics
+from settler.timeouts import within
 from settler.worker.retry import Stopping
 
 if TYPE_CHECKING:
@@ -32,25 +33,31 @@ settler.kafka.REBALANCE_TIMEOUT_MS)."""
 
 
 class Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
-    """The session's consumer rebalance listener; `revoking` pauses its loop."""
+    """The session's consumer rebalance listener; while either callback runs (`busy`) its
+    loop plans nothing: records handed out meanwhile are dropped and re-read."""
 
     def __init__(self, session: WriterSession) -> None:
         self.session = session
         self.revoking = False
-        self.revoked = asyncio.Event()  # set when no revoke is being handled
-        self.revoked.set()
+        self.assigning = False
+        self.steady = asyncio.Event()  # set when no callback is running
+        self.steady.set()
+
+    @property
+    def busy(self) -> bool:
+        return self.revoking or self.assigning
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         session = self.session
         if session.ended.is_set() or not revoked:
             return
         self.revoking = True
-        self.revoked.clear()
+        self.steady.clear()
         session.health.checks["partitions"] = False
         loop = asyncio.get_running_loop()
         deadline = loop.time() + REVOKE_DRAIN_S
         try:
-            await asyncio.wait_for(session.idle.wait(), max(0.0, deadline - loop.time()))
+            await within(max(0.0, deadline - loop.time()), session.idle.wait())
             drained = await session.pipeline.drain(max(0.0, deadline - loop.time()))
         except TimeoutError:
             drained = False
@@ -76,7 +83,7 @@ class Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         session.offsets.forget(revoked)
         session.dead_letters.forget(revoked)  # queued dead letters are re-read with their records
         self.revoking = False
-        self.revoked.set()
+        self.steady.set()
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         """Start each partition where both Kafka and the database agree it was settled.
@@ -89,49 +96,78 @@ class Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         lower of the two (the earliest offset if the database has no record); the events
         in between are planned again (the lineage rule re-applies exactly what is missing),
         their dead letters are not published again, and the group's offset never moves
-        back (`Offsets.assigned`)."""
+        back (`Offsets.assigned`).
+
+        aiokafka installs the assignment and fetches from the group's committed offsets
+        before this callback returns (it awaits an OffsetFetch per partition here), so the
+        loop may be handed records from a position this callback is about to move back.
+        Nothing is planned while it runs (`busy`); it ends by seeking EVERY partition to
+        its start in one step, which drops whatever was fetched before (the records handed
+        out meanwhile were dropped by the loop), so each partition is planned from its
+        start and in its order."""
         session = self.session
-        session.health.checks["partitions"] = True
+        self.assigning = True
+        self.steady.clear()
         log.info("partitions assigned", partitions=names(assigned))
         recorded = session.committer.progress.committed_high  # confirmed by the database
-        starts: dict[str, int] = {}
+        starts: dict[TopicPartition, int] = {}
+        confirmed: dict[str, int] = {}
         for tp in sorted(assigned):
             stream = f"{tp.topic}:{tp.partition}"
             try:
-                committed = await self._group_committed(tp)
+                starts[tp], both_know = await self._start(tp, recorded.get(stream))
             except Stopping:
-                return
-            if committed is not None and committed < 0:
-                committed = None
-            session.offsets.assigned(tp, committed)
-            if committed is None:
-                continue  # never committed: the consumer's reset policy decides
-            session.dead_letters.published_below[tp] = committed
-            if stream not in recorded:
-                log.warning("the database has no record of this partition's committed "
-                            "offset: re-reading it from its earliest offset",
-                            topic=tp.topic, partition=tp.partition, committed=committed)
-                metrics.REREAD.labels(tp.topic, tp.partition).inc()
-                await session.kafka.consumer.seek_to_beginning(tp)
-                continue
-            start = min(committed, recorded[stream])
-            if start < committed:
-                log.warning("the database confirms fewer settled events than the group's "
-                            "committed offset: re-reading the difference",
-                            topic=tp.topic, partition=tp.partition, committed=committed,
-                            confirmed=start)
-                metrics.REREAD.labels(tp.topic, tp.partition).inc()
-                session.kafka.consumer.seek(tp, start)
-            starts[stream] = start
+                return  # the session is ending: the loop stays paused
+            if both_know:
+                confirmed[stream] = starts[tp]
+        for tp, start in starts.items():  # one step: no fetch is handed out in between
+            session.kafka.consumer.seek(tp, start)
         # Where this session starts on each partition, even one it never commits (an idle
         # partition must not keep older epochs unresolved for ever).
-        session.committer.progress.seed_committed(starts)
+        session.committer.progress.seed_committed(confirmed)
+        session.health.checks["partitions"] = True
+        self.assigning = False
+        self.steady.set()
+
+    async def _start(self, tp: TopicPartition, recorded: int | None) -> tuple[int, bool]:
+        """Where `tp` is planned from: min(group's commit, database's record), or its
+        earliest offset when either has none (and whether both had one)."""
+        session = self.session
+        committed = await self._group_committed(tp)
+        if committed is not None and committed < 0:
+            committed = None
+        session.offsets.assigned(tp, committed)
+        if committed is not None:
+            session.dead_letters.published_below[tp] = committed
+        if committed is not None and recorded is None:
+            log.warning("the database has no record of this partition's committed "
+                        "offset: re-reading it from its earliest offset",
+                        topic=tp.topic, partition=tp.partition, committed=committed)
+            metrics.REREAD.labels(tp.topic, tp.partition).inc()
+        if committed is None or recorded is None:
+            return await self._beginning(tp), False  # earliest, as the reset policy
+        if recorded < committed:
+            log.warning("the database confirms fewer settled events than the group's "
+                        "committed offset: re-reading the difference",
+                        topic=tp.topic, partition=tp.partition, committed=committed,
+                        confirmed=recorded)
+            metrics.REREAD.labels(tp.topic, tp.partition).inc()
+        return min(committed, recorded), True
+
+    async def _beginning(self, tp: TopicPartition) -> int:
+        session = self.session
+
+        async def attempt() -> int:
+            offsets = await within(10.0, session.kafka.consumer.beginning_offsets([tp]))
+            return offsets[tp]
+
+        return await session.retrier.run("kafka_connect", attempt, kafka.is_transient)
 
     async def _group_committed(self, tp: TopicPartition) -> int | None:
         session = self.session
 
         async def attempt() -> int | None:
-            return await asyncio.wait_for(session.kafka.consumer.committed(tp), 10.0)
+            return await within(10.0, session.kafka.consumer.committed(tp))
 
         return await session.retrier.run("kafka_connect", attempt, kafka.is_transient)
 

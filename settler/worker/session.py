@@ -24,6 +24,7 @@ from settler.core.ledger import Ledger
 from settler.core.offsets import Offsets
 from settler.core.registry import Registry
 from settler.store.db import Progress
+from settler.timeouts import within
 from settler.worker.committing import Committer, DeadLetterRefused, ProducerBroken
 from settler.worker.dead_letters import DeadLetters
 from settler.worker.intake import Intake
@@ -137,12 +138,12 @@ class WriterSession:
                    asyncio.ensure_future(self.kafka.report_lag(self.offsets))]
         try:
             while not self.ended.is_set():
-                if self.rebalance.revoking:
-                    await _first(self.rebalance.revoked.wait(), self.ended.wait())
+                if self.rebalance.busy:
+                    await _first(self.rebalance.steady.wait(), self.ended.wait())
                     continue
                 fetched = await self.intake.fetch()
-                if not fetched or self.rebalance.revoking or self.ended.is_set():
-                    continue  # records fetched across a revoke are re-read from the commit
+                if not fetched or self.rebalance.busy or self.ended.is_set():
+                    continue  # fetched across a rebalance callback: re-read from its start
                 self.idle.clear()
                 try:
                     items = self.intake.items(fetched)
@@ -161,13 +162,13 @@ class WriterSession:
             self._end(SessionEnd.FATAL)
 
     def _pause(self) -> bool:
-        return self.rebalance.revoking or self.ended.is_set()
+        return self.rebalance.busy or self.ended.is_set()
 
     async def _commit_loop(self) -> None:
         interval = self.settings.commit_interval_ms / 1000
         while True:
             await asyncio.sleep(interval)
-            if self.rebalance.revoking:
+            if self.rebalance.busy:
                 continue
             await self.commit_settled(COMMIT_TIMEOUT_S)
 
@@ -182,8 +183,7 @@ class WriterSession:
             await self._commit_quietly(CLOSE_TIMEOUT_S)
             if self.clean:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.committer.progress.resolve_at_clean_end(),
-                                           RESOLVE_TIMEOUT_S)
+                    await within(RESOLVE_TIMEOUT_S, self.committer.progress.resolve_at_clean_end())
         elif end is SessionEnd.FATAL:
             log.error("stopping on a non-retryable error; nothing more is committed",
                       error=repr(self.pipeline.fatal))

@@ -486,10 +486,6 @@ def _slow_group_coordinator() -> Iterator[None]:
         yield
 
 
-@pytest.mark.xfail(strict=True, reason="records fetched from the group's commit before "
-                   "on_partitions_assigned seeks the partition back are planned before the "
-                   "re-read window: a later copy of an id wins over the earlier one in the "
-                   "SAME partition, whose dead letter is then suppressed")
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_a_record_fetched_before_the_seek_back_overtakes_the_reread_window(seed: int) -> None:
     """History (one node, one partition for both copies): copy A of id K is settled
@@ -502,7 +498,9 @@ def test_a_record_fetched_before_the_seek_back_overtakes_the_reread_window(seed:
     commit (it asks partition 0's first). B is planned first, finds no claim and is
     settled; then the listener seeks partition 1 back to its beginning, A is re-read, is
     a conflict, and its dead letter is suppressed (below the group's commit). The
-    partition's order is inverted and A is neither settled nor dead-lettered.
+    partition's order is inverted and A is neither settled nor dead-lettered. (Failed
+    before the fix: nothing is planned while the callback runs, and it ends by seeking
+    every partition to its start in one step.)
 
     Reachable: aiokafka starts fetching before the assignment callback returns, and the
     callback awaits one OffsetFetch per partition (seconds under a coordinator
@@ -573,9 +571,6 @@ def _replan_history(seed: int) -> tuple[ScriptedSimulation, dict[str, Any]]:
     return sim, state
 
 
-@pytest.mark.xfail(strict=True, reason="a record fetched from the group's commit before "
-                   "the listener seeks back is planned, then re-read behind the window "
-                   "while its first plan is in flight: ReplanInFlight, the worker exits 1")
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_a_record_fetched_before_the_seek_back_is_replanned_in_flight(seed: int) -> None:
     """History (no database loss): writer A is killed after its Kafka commit and before

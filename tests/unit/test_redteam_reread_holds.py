@@ -220,7 +220,7 @@ def test_a_crash_between_the_kafka_commit_and_the_progress_record(seed: int) -> 
     _run(sim, state)
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("seed", [0, 2, 4])  # seeds whose kill at 20 s loses a tail
 def test_replay_after_a_database_kill(seed: int) -> None:
     """A kill loses a tail, the workers catch up; then `settler replay --from-offset 0`
     (the group rewound, the database's record raised to where it was) re-reads all."""
@@ -235,3 +235,4 @@ def test_replay_after_a_database_kill(seed: int) -> None:
 
     sim.script.append((20.0, kill))
     _run(sim, state)
+    assert sim.node.lost_on_kill > 0

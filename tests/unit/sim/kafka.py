@@ -361,10 +361,11 @@ class SimConsumer:
         self.positions[partition] = offset
         self._seeks[partition] = self._seeks.get(partition, 0) + 1
 
-    async def seek_to_beginning(self, *partitions: TopicPartition) -> bool:
-        for partition in partitions:
-            self.seek(partition, 0)
-        return True
+    async def beginning_offsets(self, partitions: list[TopicPartition]
+                                ) -> dict[TopicPartition, int]:
+        starts: dict[TopicPartition, int] = await self.kafka.request(
+            lambda: {tp: 0 for tp in partitions})
+        return starts
 
     async def end_offsets(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
         ends: dict[TopicPartition, int] = await self.kafka.request(
