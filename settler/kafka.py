@@ -30,6 +30,7 @@ from aiokafka.protocol.metadata import MetadataRequest
 
 from settler import tls
 from settler.config import ConfigError, ConnectionSettingError, Settings
+from settler.timeouts import within
 
 REASON_HEADER = "settler.reason"
 SOURCE_HEADER = "settler.source"
@@ -106,7 +107,7 @@ class _Diagnosing:
         # aiokafka may re-raise the CancelledError of one of its own tasks on stop; the
         # refusal is what the caller must see.
         with contextlib.suppress(Exception, asyncio.CancelledError):
-            await asyncio.wait_for(self._stop(), DIAGNOSE_TIMEOUT_S)
+            await within(DIAGNOSE_TIMEOUT_S, self._stop())
 
     async def _stop(self) -> None:
         await self.stop()  # type: ignore[attr-defined]
@@ -207,10 +208,10 @@ async def diagnose(settings: Settings, *, require_answer: bool = False
     for host, port in _servers(settings):
         server = f"{host}:{port}"
         try:
-            conn = await asyncio.wait_for(create_conn(
+            conn = await within(DIAGNOSE_TIMEOUT_S, create_conn(
                 host, port, client_id="settler-check",
                 request_timeout_ms=int(DIAGNOSE_TIMEOUT_S * 1000), **options,
-            ), DIAGNOSE_TIMEOUT_S)
+            ))
         except (KafkaError, OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
             problem = setting_problem(exc, settings, server)
             if problem is not None:

@@ -29,6 +29,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from settler import __version__
+from settler.timeouts import within
 
 # `*_created` samples double the series count and no dashboard or alert uses them.
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -279,7 +280,7 @@ class Health:
         would never notice that its database went away, or came back."""
         while True:
             try:
-                await asyncio.wait_for(attempt(), timeout_s)
+                await within(timeout_s, attempt())
             except Exception as exc:
                 if not transient(exc):
                     raise
@@ -348,7 +349,7 @@ async def serve(host: str, port: int, health: Health,
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=5)
+            request = await within(5, reader.readuntil(b"\r\n\r\n"))
             method, _, rest = request.partition(b" ")
             path = rest.split(b" ", 1)[0].decode("latin-1").split("?")[0] or "/"
             status, ctype, body = _route(path, health, collect)

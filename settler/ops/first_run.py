@@ -28,6 +28,7 @@ from settler.ops.status import StatusReader, Unreachable, default_metrics_url
 from settler.ops.worker_endpoint import http_get, metric_values, worker_view
 from settler.store import cql
 from settler.store.db import SettlementDb
+from settler.timeouts import within
 
 POLL_S = 0.25
 DEFAULT_TIMEOUT_S = 600.0
@@ -89,13 +90,13 @@ async def publish(settings: Settings, options: SampleOptions) -> Published:
     topic = settings.topics[0]
     producer = kafka.producer(settings, linger_ms=5)
     try:
-        await asyncio.wait_for(producer.start(), 30)
+        await within(30, producer.start())
         # Asking for the partitions creates the topic where the broker auto-creates.
-        partitions = await asyncio.wait_for(producer.partitions_for(topic), 30)
+        partitions = await within(30, producer.partitions_for(topic))
         with contextlib.suppress(KafkaError, TimeoutError):
             # The dead-letter topic too, or the worker's first dead letter is preceded
             # by the client logging an error about the topic not existing yet.
-            await asyncio.wait_for(producer.partitions_for(settings.dlq_topic), 10)
+            await within(10, producer.partitions_for(settings.dlq_topic))
         base = time.time_ns() // 1000
         # Ids start at a clock-derived base so that a second run adds new events
         # instead of re-sending (and so skipping) the first run's.
@@ -107,7 +108,7 @@ async def publish(settings: Settings, options: SampleOptions) -> Published:
         started = time.monotonic()
         futures = [await producer.send(topic, value=r.value, key=r.key,
                                        partition=r.partition) for r in sample.records]
-        written = await asyncio.wait_for(asyncio.gather(*futures), 120)
+        written = await within(120, asyncio.gather(*futures))
     except (KafkaError, TimeoutError, OSError) as exc:
         raise SampleError(f"cannot publish to Kafka at {settings.kafka_bootstrap}: "
                           f"{exc!r}") from None

@@ -29,6 +29,7 @@ from settler.config import Settings
 from settler.ops.worker_endpoint import WorkerView, worker_view
 from settler.store import cql
 from settler.store.lease import CqlLeaseTable, Holder
+from settler.timeouts import within
 
 T = TypeVar("T")
 
@@ -99,7 +100,7 @@ async def _bounded(settings: Settings, timeout_s: float, call: Awaitable[T]) -> 
     """A Kafka call within the timeout, or Unreachable naming the bootstrap servers."""
     where = f"Kafka at {settings.kafka_bootstrap}"
     try:
-        return await asyncio.wait_for(call, timeout_s)
+        return await within(timeout_s, call)
     except TimeoutError:
         raise Unreachable(f"{where} did not answer within {timeout_s:g} s") from None
     except (KafkaError, OSError) as exc:
@@ -135,7 +136,7 @@ class StatusReader:
         await _stop(self._consumer, self.timeout_s)
         if self._admin is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._admin.close(), self.timeout_s)
+                await within(self.timeout_s, self._admin.close())
         if self._cluster is not None:
             await asyncio.to_thread(self._cluster.shutdown)
         self._tally = None
@@ -155,10 +156,10 @@ class StatusReader:
         where = f"the database at {','.join(self.settings.cql_contact_points)}"
         try:
             if self._lease is None:
-                self._cluster, self._session = await asyncio.wait_for(asyncio.to_thread(
-                    cql.connect, self.settings, keyspace=self.settings.keyspace), self.timeout_s)
+                self._cluster, self._session = await within(self.timeout_s, asyncio.to_thread(
+                    cql.connect, self.settings, keyspace=self.settings.keyspace))
                 self._lease = CqlLeaseTable(self._session)
-            return await asyncio.wait_for(self._lease.read(), self.timeout_s)
+            return await within(self.timeout_s, self._lease.read())
         except TimeoutError:
             raise Unreachable(f"{where} did not answer within {self.timeout_s:g} s") from None
         except InvalidRequest as exc:
@@ -274,7 +275,7 @@ async def _stop(client: AIOKafkaConsumer | None, timeout_s: float) -> None:
     if client is not None:
         with contextlib.suppress(Exception, asyncio.CancelledError):
             # aiokafka 0.14 may re-raise a CancelledError of its own task on stop.
-            await asyncio.wait_for(client.stop(), timeout_s)
+            await within(timeout_s, client.stop())
 
 
 def _reason(headers: Any) -> str:

@@ -13,6 +13,8 @@ from urllib.parse import urlsplit
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from settler.timeouts import within
+
 
 @dataclass(frozen=True)
 class WorkerView:
@@ -52,7 +54,7 @@ async def http_get(url: str, timeout_s: float) -> tuple[int, str]:
             raise ConnectionError(f"not an HTTP answer from {url}")
         return int(status_line[1]), body.decode("utf-8", "replace")
 
-    return await asyncio.wait_for(get(), timeout_s)
+    return await within(timeout_s, get())
 
 
 def metric_values(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:

@@ -28,6 +28,7 @@ from settler import logs, metrics
 from settler.core.ledger import Ledger
 from settler.core.offsets import Offsets
 from settler.store.db import Progress
+from settler.timeouts import within
 from settler.worker.dead_letters import DeadLetters, Letter
 from settler.worker.ports import Consumer, Producer, Store
 from settler.worker.progress import ProgressRecorder
@@ -161,7 +162,7 @@ class Committer:
 
     async def _abort(self) -> None:
         try:
-            await asyncio.wait_for(self.producer.abort_transaction(), 10.0)
+            await within(10.0, self.producer.abort_transaction())
         except Exception as exc:
             raise ProducerBroken(f"aborting the transaction failed: {exc!r}") from exc
 

@@ -18,6 +18,7 @@ from aiokafka.errors import KafkaError
 
 from settler import kafka, logs, metrics
 from settler.core.offsets import Offsets
+from settler.timeouts import within
 from settler.worker.ports import Clients, Consumer, Producer
 from settler.worker.retry import Retrier
 
@@ -50,8 +51,7 @@ class KafkaClients:
         creates it now), so the first dead letter does not wait for it."""
         topic = self.dlq_topic
         try:
-            found = await asyncio.wait_for(self.producer.partitions_for(topic),
-                                           TOPIC_LOOKUP_TIMEOUT_S)
+            found = await within(TOPIC_LOOKUP_TIMEOUT_S, self.producer.partitions_for(topic))
         except (KafkaError, TimeoutError) as exc:
             found = None
             log.warning("dead-letter topic not found yet; dead letters wait for it",
@@ -67,8 +67,7 @@ class KafkaClients:
             assigned = list(self.consumer.assignment())
             committed = offsets.last_committed()
             try:
-                ends = await asyncio.wait_for(self.consumer.end_offsets(assigned),
-                                              LAG_TIMEOUT_S)
+                ends = await within(LAG_TIMEOUT_S, self.consumer.end_offsets(assigned))
             except (KafkaError, TimeoutError):
                 continue
             for tp, end in ends.items():
@@ -79,6 +78,6 @@ class KafkaClients:
         async def close(client: Consumer | Producer) -> None:
             # aiokafka may re-raise the CancelledError of one of its own internal tasks.
             with contextlib.suppress(Exception, asyncio.CancelledError):
-                await asyncio.wait_for(client.stop(), timeout_s)
+                await within(timeout_s, client.stop())
 
         await asyncio.gather(close(self.consumer), close(self.producer))

@@ -17,6 +17,7 @@ from cassandra import InvalidRequest
 from settler import logs, metrics
 from settler.config import ConfigError, ConnectionSettingError, Settings
 from settler.core.registry import Registry, load_registry
+from settler.timeouts import within
 from settler.worker.ports import Clients, Store, production_clients
 from settler.worker.retry import Backoff, Retrier, Stopping
 from settler.worker.role import WriterRole
@@ -85,7 +86,7 @@ class Worker:
             await self._check_kafka()
         except ConnectionSettingError as exc:
             self.refused("kafka", exc)
-            await asyncio.wait_for(store.close(), ERROR_CLOSE_TIMEOUT_S)
+            await within(ERROR_CLOSE_TIMEOUT_S, store.close())
             raise
         # Readiness follows the database even while idle: without traffic no call would
         # notice it going away, or coming back.
@@ -109,7 +110,7 @@ class Worker:
             # the driver finish, so nothing it logs comes after the command's last line.
             timeout = CLOSE_TIMEOUT_S if self.stopping.is_set() else ERROR_CLOSE_TIMEOUT_S
             try:
-                await asyncio.wait_for(store.close(), timeout)
+                await within(timeout, store.close())
             except TimeoutError:
                 log.warning("closing the database session timed out")
                 self.close_timed_out = True
@@ -137,7 +138,7 @@ class Worker:
         if self.clients.check_kafka is None:
             return
         try:
-            await asyncio.wait_for(self.clients.check_kafka(), KAFKA_CHECK_TIMEOUT_S)
+            await within(KAFKA_CHECK_TIMEOUT_S, self.clients.check_kafka())
         except (KafkaError, OSError, TimeoutError) as exc:
             log.warning("Kafka not reachable yet; the writer session retries", error=repr(exc))
 

@@ -4,7 +4,6 @@ session is committed past (ARCHITECTURE.md "Resolved epochs")."""
 
 from __future__ import annotations
 
-import asyncio
 from typing import Final
 
 from aiokafka import TopicPartition
@@ -14,6 +13,7 @@ from settler.core.ledger import Ledger
 from settler.core.lineage import Resolved
 from settler.store import batches
 from settler.store.db import Progress
+from settler.timeouts import within
 from settler.worker.ports import Store
 from settler.worker.tenure import Tenure
 
@@ -93,4 +93,4 @@ class ProgressRecorder:
                               epoch: int | None = None) -> None:
         timestamp = await self.tenure.timestamp()
         batch = batches.progress_batch(name, positions, timestamp=timestamp, epoch=epoch)
-        await asyncio.wait_for(self.store.run(batch), PROGRESS_TIMEOUT_S)
+        await within(PROGRESS_TIMEOUT_S, self.store.run(batch))

@@ -12,6 +12,7 @@ from typing import TypeVar
 
 from settler import logs, metrics
 from settler.store import cql
+from settler.timeouts import within
 
 log = logs.get("settler.worker")
 
@@ -72,4 +73,4 @@ class Retrier:
 
     async def sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.wake.wait(), seconds)
+            await within(seconds, self.wake.wait())

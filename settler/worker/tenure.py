@@ -17,6 +17,7 @@ from typing import Final
 from settler import logs, metrics
 from settler.store import cql
 from settler.store.lease import Holder, LeaseLost, WriterLease
+from settler.timeouts import within
 from settler.worker.retry import Stopping
 
 log = logs.get("settler.worker")
@@ -90,8 +91,8 @@ class Tenure:
                 self._lapse("the lease was not renewed in time")
                 return
             try:
-                renewed = await asyncio.wait_for(
-                    lease.renew(), max(0.01, lease.valid_until - clock.monotonic()))
+                renewed = await within(max(0.01, lease.valid_until - clock.monotonic()),
+                                       lease.renew())
             except TimeoutError:
                 renew_at = clock.monotonic()
                 continue
@@ -176,11 +177,11 @@ class Tenure:
             self.lease.held = False
             return
         try:
-            await asyncio.wait_for(self.lease.release(), timeout_s)
+            await within(timeout_s, self.lease.release())
         except Exception as exc:  # noqa: BLE001 - the lease lapses by itself
             log.warning("could not release the writer lease; a standby takes over when it "
                         "expires", ttl_s=self.lease.ttl_s, error=repr(exc))
 
     async def sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.stopping.wait(), seconds)
+            await within(seconds, self.stopping.wait())

@@ -13,7 +13,8 @@ when the final SIGTERM comes; its tenure's end never returns, its lease row is s
 renewed 120 virtual seconds later, the simulation stops with "not done within 120.0
 virtual seconds"). The test below makes the same interleaving deterministic on a real
 asyncio loop: the SIGTERM's `end()` starts in the loop iteration in which a renewal's
-answer completes.
+answer completes. It failed before the fix (every bounded wait in settler now uses
+`settler.timeouts.within`, which awaits in the task itself; ruff bans asyncio.wait_for).
 """
 
 from __future__ import annotations
@@ -74,9 +75,6 @@ async def _end_during_a_renewal_answer(release: bool) -> tuple[bool, int, str | 
     return bool(done), renewed_after_end, None if row.holder is None else row.holder.owner
 
 
-@pytest.mark.xfail(strict=True, reason="Tenure.end relies on cancelling the keeper, and "
-                   "CPython 3.11's asyncio.wait_for swallows a cancel that arrives just "
-                   "as the renewal finished: end() hangs, the keeper renews for ever")
 @pytest.mark.parametrize("release", [True, False])
 def test_a_tenure_ended_as_a_renewal_answers_stops_renewing(release: bool) -> None:
     """History: the keeper's renewal is answered; in the same loop iteration the worker
