@@ -45,6 +45,7 @@ from settler.config import Settings
 from settler.core.events import Rejected, decode
 from settler.core.ledger import Ledger, Position, Write
 from settler.core.registry import Registry, load_registry
+from settler.store import batches
 from settler.store.db import id_bucket
 from settler.worker.ports import ProductionStore
 
@@ -358,9 +359,10 @@ class NaiveLoop:
             group = ledger.seal()
             self.last_ts = max(time.time_ns() // 1000, self.last_ts + 1)
             self.frontier[position.stream] = position.offset
-            await store.run(store.claims_batch(group.writes, {position.stream: position.offset},
-                                               timestamp=self.last_ts))
-            await store.run(store.settlement_batch(
+            await store.run(batches.claims_batch(group.writes,
+                                                 {position.stream: position.offset},
+                                                 timestamp=self.last_ts))
+            await store.run(batches.settlement_batch(
                 group.images, group.writes, fee_account=self.registry.fee_account,
                 timestamp=self.last_ts))
             ledger.landed(group)

@@ -100,8 +100,8 @@ class Landing:
                          whole: bool = False) -> None:
         images = group.images if whole else group.images_for(writes)
         batch = batches.settlement_batch(images, writes,
-                                            fee_account=self.registry.fee_account,
-                                            timestamp=timestamp)
+                                         fee_account=self.registry.fee_account,
+                                         timestamp=timestamp)
         try:
             await self.retrier.run("cql_write", lambda: self._send(batch))
         except InvalidRequest as exc:
