@@ -312,7 +312,7 @@ async def latency_variants(stack: Stack, registry: Registry, args: argparse.Name
     for n, env in enumerate(variants):
         progress(f"== latency variant {n + 1}/{len(variants)}: {_label(env)}")
         results.append((_label(env), env, await run_latency(
-            stack, registry, args.rate, args.seconds, env, source)))
+            stack, registry, args.rate, args.seconds, env, source, label=f"latency{n}")))
     report.save_json("latency-variants", {
         "rate": args.rate, "worker": source.describe,
         "variants": [{"env": env, "run": run} for _, env, run in results],

@@ -473,16 +473,17 @@ async def _until(check: Callable[[], Awaitable[bool]], worker: WorkerProcess, ti
 
 async def run_latency(stack: Stack, registry: Registry, rate: float, duration_s: float,
                       extra_env: Mapping[str, str] | None = None,
-                      source: WorkerSource | None = None) -> Latency:
+                      source: WorkerSource | None = None, label: str = "latency") -> Latency:
     """Produce a fresh stream (funding, then trades) at a steady `rate` records/s into a
-    running worker; read p50/p99 off its settle-latency histogram."""
+    running worker; read p50/p99 off its settle-latency histogram. Each `label` gets its
+    own topic, group and keyspace (variants must not see each other's events)."""
     trades = max(100, int(rate * duration_s / 1.11))  # funding is about 11% of a stream
     stream = trade_stream(registry, TradeShape.scaled(trades, seed=11))
-    topic = await stack.topic("latency")
-    group = stack.group("latency")
+    topic = await stack.topic(label)
+    group = stack.group(label)
     worker = WorkerProcess(stack, topics=[topic],
-                           keyspace=await stack.keyspace("latency", source),
-                           group=group, label="latency", extra_env=extra_env, source=source)
+                           keyspace=await stack.keyspace(label, source),
+                           group=group, label=label, extra_env=extra_env, source=source)
     try:
         await _until(worker.ready, worker, 120, "latency worker ready")
         progress(f"  latency: producing {stream.events:,} records at {rate:,.0f}/s "
