@@ -310,7 +310,16 @@ class SimConsumer:
     async def getmany(self, *partitions: TopicPartition, timeout_ms: int = 0,
                       max_records: int | None = None
                       ) -> dict[TopicPartition, list[ConsumerRecord[Any, Any]]]:
-        if self.rebalancing or not self._assignment or self.kafka.frozen:
+        if self.rebalancing and not self.kafka.frozen:
+            # As aiokafka: a getmany waits for the assignment (fetched_records ->
+            # wait_for_assignment) and then hands out what the fetcher got from the new
+            # positions, while the assignment callback may still be running.
+            deadline = self.kafka.world.now + timeout_ms / 1000
+            while self.rebalancing and self.kafka.world.now < deadline:
+                await asyncio.sleep(0.01)
+            if self.rebalancing:
+                return {}
+        if not self._assignment or self.kafka.frozen:
             await asyncio.sleep(timeout_ms / 1000)
             return {}
         fetched = await self.kafka.request(lambda: self._fetch(max_records or 500))
