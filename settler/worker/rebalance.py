@@ -118,6 +118,15 @@ class Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
                 starts[tp], both_know = await self._start(tp, recorded.get(stream))
             except Stopping:
                 return  # the session is ending: the loop stays paused
+            except Exception as exc:  # noqa: BLE001 - aiokafka would log it and go on
+                # Not transient (the retrier retries the rest): without a start the
+                # partition must not be planned, and a session paused for ever would hold
+                # the lease while settling nothing.
+                log.error("could not decide where an assigned partition starts: ending "
+                          "the writer session", topic=tp.topic, partition=tp.partition,
+                          error=repr(exc))
+                session.fail(exc)
+                return
             if both_know:
                 confirmed[stream] = starts[tp]
         for tp, start in starts.items():  # one step: no fetch is handed out in between

@@ -201,6 +201,11 @@ class WriterSession:
         """End the session with its memory and in-flight work (the rebalance rule)."""
         self._end(SessionEnd.ABANDONED)
 
+    def fail(self, exc: BaseException) -> None:
+        """End the session on a non-retryable error: exit 1, commit nothing more."""
+        self.pipeline.fatal = self.pipeline.fatal or exc
+        self._end(SessionEnd.FATAL)
+
     async def commit_settled(self, timeout: float) -> None:
         """Commit what is settled; a commit that cannot go on ends the session."""
         try:
@@ -211,8 +216,7 @@ class WriterSession:
             log.error("the transactional producer failed", error=repr(exc))
             self._end(SessionEnd.ABANDONED)
         except DeadLetterRefused as exc:
-            self.pipeline.fatal = self.pipeline.fatal or exc
-            self._end(SessionEnd.FATAL)
+            self.fail(exc)
 
 
 

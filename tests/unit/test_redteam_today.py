@@ -208,6 +208,10 @@ class FakeSession:
     def _end(self, end: Any) -> None:
         self.ended.set()
 
+    def fail(self, exc: BaseException) -> None:
+        self.pipeline.fatal = self.pipeline.fatal or exc
+        self._end("fatal")
+
 
 async def _assignment_history(group: dict[TopicPartition, int], recorded: dict[str, int],
                               log: dict[TopicPartition, tuple[int, int]], *,
@@ -300,6 +304,31 @@ def test_a_session_ending_during_the_callback_plans_nothing_of_the_new_assignmen
         group, recorded, log, end_during_callback=True))
     assert session.planned == []
     assert consumer.seeks == [] and session.rebalance.busy
+
+
+def test_an_error_deciding_a_start_ends_the_session_instead_of_pausing_it() -> None:
+    """A non-transient error from the group's OffsetFetch inside the callback (aiokafka
+    logs a callback's exception and goes on): the session ends FATAL (exit 1) rather
+    than staying paused for ever while holding the lease; nothing is planned or sought.
+    (Before: `assigning` stayed set and the worker settled nothing, silently.)"""
+    refused = PermissionError("GROUP_AUTHORIZATION_FAILED")
+
+    async def history() -> tuple[FakeSession, AiokafkaLikeConsumer]:
+        consumer = AiokafkaLikeConsumer({P0: 10, P1: 30}, {P0: (0, 40), P1: (0, 40)})
+
+        async def committed(tp: TopicPartition) -> int | None:
+            raise refused
+
+        consumer.committed = committed  # type: ignore[method-assign]
+        session = FakeSession(consumer, {f"{TOPIC}:0": 10, f"{TOPIC}:1": 20})
+        consumer.install(set(consumer.log))
+        await asyncio.wait_for(session.rebalance.on_partitions_assigned(set(consumer.log)),
+                               1.0)
+        return session, consumer
+
+    session, consumer = asyncio.run(history())
+    assert session.ended.is_set() and session.pipeline.fatal is refused
+    assert session.planned == [] and consumer.seeks == []
 
 
 def test_control_without_the_seek_back_the_group_commit_is_planned_first() -> None:
