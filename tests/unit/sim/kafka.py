@@ -315,7 +315,7 @@ class SimConsumer:
             # wait_for_assignment) and then hands out what the fetcher got from the new
             # positions, while the assignment callback may still be running.
             deadline = self.kafka.world.now + timeout_ms / 1000
-            while self.rebalancing and self.kafka.world.now < deadline:
+            while self.rebalancing and self.kafka.world.now < deadline:  # noqa: ASYNC110 - the virtual clock
                 await asyncio.sleep(0.01)
             if self.rebalancing:
                 return {}
