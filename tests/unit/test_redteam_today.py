@@ -488,3 +488,40 @@ def test_every_within_call_site_awaits_something_of_its_own() -> None:
 #   report_lag or the commit loop inside end_offsets/abort_transaction is delivered; a result
 #   discarded by a simultaneous timeout (renew, progress write, abort) is retried or ends the
 #   session, never settles anything.
+
+
+@pytest.mark.parametrize("inner", ["converts", "swallows"])
+def test_within_raises_a_cancel_the_awaited_code_converted_or_swallowed(inner: str) -> None:
+    """Some library code turns the cancellation delivered into it into its own error (a
+    Kafka client's connection error) or returns normally. `within` must still end its
+    task cancelled, as wait_for did: `settler status --watch` kept redrawing after Ctrl-C
+    when a read caught the converted error and went on (found by test_status's watch test
+    in a clean-clone run)."""
+    started = asyncio.Event()
+
+    async def library_call() -> str:
+        started.set()
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            if inner == "converts":
+                raise OSError("connection closed") from None
+            return "swallowed"
+        return "done"
+
+    async def scenario() -> str:
+        async def waiter() -> str:
+            try:
+                return await within(5.0, library_call())
+            except OSError:
+                return "went on"
+
+        task = asyncio.ensure_future(waiter())
+        await started.wait()
+        task.cancel()
+        try:
+            return await task
+        except asyncio.CancelledError:
+            return "cancelled"
+
+    assert asyncio.run(scenario()) == "cancelled"
