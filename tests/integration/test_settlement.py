@@ -342,7 +342,7 @@ async def wait_settling_again(crashed_at: float, workers: Supervised) -> None:
             raise AssertionError(
                 f"nothing settled {TAKEOVER_S + TAKEOVER_MARGIN_S:.0f}s after the writer was "
                 f"SIGKILLed (lease TTL {SHIPPED.lease_ttl_s}s + takeover wait "
-                f"{SHIPPED.takeover_wait_s}s + {TAKEOVER_MARGIN_S:.0f}s):\n{tails}")
+                f"{TAKEOVER_WAIT_S['cassandra']}s + {TAKEOVER_MARGIN_S:.0f}s):\n{tails}")
         await asyncio.sleep(0.25)
 
 
