@@ -177,9 +177,12 @@ async def eventually(check: Callable[[], Awaitable[bool]], timeout: float, what:
 
 
 async def test_two_workers_survive_kills_freezes_a_pause_and_a_rebalance_with_shipped_defaults(
-    env: harness.TestEnv, registry: Registry
+    env: harness.TestEnv, registry: Registry, capsys: pytest.CaptureFixture[str]
 ) -> None:
     seed = int(os.environ.get("SETTLER_CHAOS_SEED") or random.SystemRandom().getrandbits(31))
+    started = time.monotonic()
+    with capsys.disabled():  # in the run's output even when it passes
+        print(f"\nchaos seed {seed} (replay: SETTLER_CHAOS_SEED={seed})", flush=True)
     chaos = Chaos(env, seed)
     chaos.say(f"seed {seed} (replay: SETTLER_CHAOS_SEED={seed})")
     records = generate(registry, StreamShape(events=10_000, users=150, duplicate_rate=0.05,
@@ -241,5 +244,8 @@ async def test_two_workers_survive_kills_freezes_a_pause_and_a_rebalance_with_sh
         await harness.run_until_caught_up(env, 600, name="replay", **SHIPPED)
         assert harness.balances(env.settings) == before, f"seed {seed}: a replay changed rows"
         chaos.say("replay changed nothing")
+        with capsys.disabled():
+            print(f"\nchaos seed {seed} passed in {time.monotonic() - started:.0f} s",
+                  flush=True)
     finally:
         chaos.kill_leftovers()
