@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import signal
 import sys
 from typing import Any
 
@@ -25,8 +26,10 @@ from settler.ops.status import (
     default_metrics_url,
 )
 from settler.ops.status_view import document, render
+from settler.timeouts import within
 
 WATCH_INTERVAL_S = 2.0
+CLOSE_BUDGET_S = 5.0  # after Ctrl-C: connections closed within this, then exit
 CLEAR_SCREEN = "\x1b[H\x1b[2J"
 
 
@@ -103,12 +106,25 @@ async def _once(reader: StatusReader) -> Status:
 
 
 async def _watch(reader: StatusReader, as_json: bool, last: list[int]) -> None:
-    """Redraw until interrupted; an unreachable service is shown, and retried next time."""
+    """Redraw until Ctrl-C (or SIGTERM); an unreachable service is shown, and retried next
+    time. The signal sets an event rather than cancelling a read: a client library may turn
+    a cancel into an error of its own (a read then looks unreachable and the watch would go
+    on), so a read in progress is abandoned instead, and closing is bounded."""
     clear = sys.stdout.isatty() and not as_json
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    stopped = asyncio.ensure_future(stop.wait())
+    read: asyncio.Future[Status] | None = None
     try:
-        while True:
+        while not stop.is_set():
+            read = asyncio.ensure_future(reader.read())
+            await asyncio.wait({read, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if stop.is_set():
+                break
             try:
-                status = await reader.read()
+                status = read.result()
             except Unreachable as exc:
                 last[0] = UNREACHABLE
                 text = (json.dumps({"exit_code": UNREACHABLE, "error": str(exc)}) if as_json
@@ -122,6 +138,12 @@ async def _watch(reader: StatusReader, as_json: bool, last: list[int]) -> None:
             elif not as_json:
                 text += "\n"  # screens one after another when not on a terminal
             print(text, flush=True)
-            await asyncio.sleep(WATCH_INTERVAL_S)
+            await asyncio.wait({stopped}, timeout=WATCH_INTERVAL_S)
     finally:
-        await reader.close()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+        if read is not None and not read.done():
+            read.cancel()
+        stopped.cancel()
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            await within(CLOSE_BUDGET_S, reader.close())
