@@ -171,14 +171,17 @@ async def test_a_worker_sigkilled_during_a_replay_changes_no_balance(
 
     worker = harness.WorkerProcess(env, name="replaying", **harness.SHORT_TAKEOVER)
     try:
+        # Placed on the worker's own count of replayed events: its commits come in jumps
+        # (every 500 ms at ~8,000 duplicates/s), and one jump could pass the whole topic.
         target = random.Random(5).randint(1, ends // 4)
-        await harness.wait_for_committed(env, target, timeout=120, worker=worker)
+        await harness.wait_for_metric(worker, "settler_events_total", timeout=120,
+                                      at_least=target, outcome="duplicate")
     except BaseException:
         worker.abandon()
         raise
     worker.kill()
     at_kill = sum((await harness.committed_offsets(env.settings.group_id)).values())
-    assert 0 < at_kill < ends, f"the kill did not land mid-replay: {at_kill} of {ends}"
+    assert at_kill < ends, f"the kill did not land mid-replay: {at_kill} of {ends} committed"
 
     with harness.running(env, name="after-kill", **harness.SHORT_TAKEOVER) as worker:
         await harness.wait_caught_up(env, CATCH_UP_S, worker)
