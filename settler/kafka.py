@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any
+from typing import Any, Protocol
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
@@ -99,18 +99,10 @@ class _Diagnosing:
             if problem is not None:
                 # Nobody retries this client: release it here, since callers that start a
                 # client outside their try/finally would leave it to the garbage collector.
-                await self._release()
+                # The refusal is what the caller must see, not an error of stopping.
+                await stop_quietly(self, DIAGNOSE_TIMEOUT_S)  # type: ignore[arg-type]
                 raise problem from None
             raise
-
-    async def _release(self) -> None:
-        # aiokafka may re-raise the CancelledError of one of its own tasks on stop; the
-        # refusal is what the caller must see.
-        with contextlib.suppress(Exception, asyncio.CancelledError):
-            await within(DIAGNOSE_TIMEOUT_S, self._stop())
-
-    async def _stop(self) -> None:
-        await self.stop()  # type: ignore[attr-defined]
 
 
 class Consumer(_Diagnosing, AIOKafkaConsumer):  # type: ignore[misc]
@@ -346,3 +338,16 @@ def dead_letter_headers(original: Any, reason: str, source: str, detail: str
         (DETAIL_HEADER, detail[:1000].encode()),
     ]
     return headers
+
+
+class Stoppable(Protocol):
+    async def stop(self) -> None: ...
+
+
+async def stop_quietly(client: Stoppable | None, timeout_s: float) -> None:
+    """Stop an aiokafka client within `timeout_s`, whatever stopping raises: aiokafka may
+    re-raise the CancelledError of one of its own internal tasks on stop, and a client
+    being closed has nothing more to say."""
+    if client is not None:
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            await within(timeout_s, client.stop())

@@ -132,8 +132,8 @@ class StatusReader:
 
     async def close(self) -> None:
         if self._tally is not None:
-            await _stop(self._tally.consumer, self.timeout_s)
-        await _stop(self._consumer, self.timeout_s)
+            await kafka.stop_quietly(self._tally.consumer, self.timeout_s)
+        await kafka.stop_quietly(self._consumer, self.timeout_s)
         if self._admin is not None:
             with contextlib.suppress(Exception):
                 await within(self.timeout_s, self._admin.close())
@@ -269,13 +269,6 @@ class _DeadLetterTally:
             for tp in list(pending):
                 if await kafka_call(consumer.position(tp)) >= ends[tp]:
                     pending.discard(tp)
-
-
-async def _stop(client: AIOKafkaConsumer | None, timeout_s: float) -> None:
-    if client is not None:
-        with contextlib.suppress(Exception, asyncio.CancelledError):
-            # aiokafka 0.14 may re-raise a CancelledError of its own task on stop.
-            await within(timeout_s, client.stop())
 
 
 def _reason(headers: Any) -> str:

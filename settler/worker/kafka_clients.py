@@ -9,7 +9,6 @@ within the SIGTERM budget.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from typing import Final
 
 from aiokafka import TopicPartition
@@ -19,7 +18,7 @@ from aiokafka.errors import KafkaError
 from settler import kafka, logs, metrics
 from settler.core.offsets import Offsets
 from settler.timeouts import within
-from settler.worker.ports import Clients, Consumer, Producer
+from settler.worker.ports import Clients
 from settler.worker.retry import Retrier
 
 log = logs.get("settler.worker")
@@ -75,9 +74,5 @@ class KafkaClients:
                     metrics.LAG.labels(tp.topic, tp.partition).set(max(0, end - committed[tp]))
 
     async def close(self, timeout_s: float) -> None:
-        async def close(client: Consumer | Producer) -> None:
-            # aiokafka may re-raise the CancelledError of one of its own internal tasks.
-            with contextlib.suppress(Exception, asyncio.CancelledError):
-                await within(timeout_s, client.stop())
-
-        await asyncio.gather(close(self.consumer), close(self.producer))
+        await asyncio.gather(kafka.stop_quietly(self.consumer, timeout_s),
+                             kafka.stop_quietly(self.producer, timeout_s))
