@@ -217,31 +217,8 @@ async def _assignment_history(group: dict[TopicPartition, int], recorded: dict[s
                               log: dict[TopicPartition, tuple[int, int]], *,
                               end_during_callback: bool = False, rtt: int = 3
                               ) -> tuple[FakeSession, AiokafkaLikeConsumer]:
-    consumer = AiokafkaLikeConsumer(group, log, rtt=rtt)
-    session = FakeSession(consumer, recorded)
-    loop_task = asyncio.ensure_future(WriterSession._loop(session))  # type: ignore[arg-type]
-
-    async def fetcher() -> None:
-        while True:
-            consumer.fetcher_step()
-            await asyncio.sleep(0)
-
-    fetching = asyncio.ensure_future(fetcher())
-    await asyncio.sleep(0)
-    partitions = set(log)
-    consumer.install(partitions)  # aiokafka: assignment first, then the callback
-    callback = asyncio.ensure_future(session.rebalance.on_partitions_assigned(partitions))
-    if end_during_callback:  # while the first OffsetFetch is awaited
-        for _ in range(2):
-            await asyncio.sleep(0)
-        session.ended.set()
-    await callback
-    for _ in range(200):
-        await asyncio.sleep(0)
-    session.ended.set()
-    await asyncio.wait_for(loop_task, 1.0)
-    fetching.cancel()
-    return session, consumer
+    return await _run_with(AiokafkaLikeConsumer(group, log, rtt=rtt), recorded,
+                           end_during_callback=end_during_callback)
 
 
 def _planned_by_partition(session: FakeSession) -> dict[TopicPartition, list[int]]:
@@ -348,8 +325,11 @@ def test_control_without_the_seek_back_the_group_commit_is_planned_first() -> No
     assert session.dropped_while_busy == 0 or planned[P0][0] > 10
 
 
-async def _run_with(consumer: AiokafkaLikeConsumer, recorded: dict[str, int]
+async def _run_with(consumer: AiokafkaLikeConsumer, recorded: dict[str, int], *,
+                    end_during_callback: bool = False
                     ) -> tuple[FakeSession, AiokafkaLikeConsumer]:
+    """The real `_loop` and listener against `consumer`: the assignment is installed, then
+    the callback runs (as aiokafka does) while the fetcher keeps fetching."""
     session = FakeSession(consumer, recorded)
     loop_task = asyncio.ensure_future(WriterSession._loop(session))  # type: ignore[arg-type]
 
@@ -359,8 +339,15 @@ async def _run_with(consumer: AiokafkaLikeConsumer, recorded: dict[str, int]
             await asyncio.sleep(0)
 
     fetching = asyncio.ensure_future(fetcher())
-    consumer.install(set(consumer.log))
-    await session.rebalance.on_partitions_assigned(set(consumer.log))
+    await asyncio.sleep(0)
+    partitions = set(consumer.log)
+    consumer.install(partitions)  # aiokafka: assignment first, then the callback
+    callback = asyncio.ensure_future(session.rebalance.on_partitions_assigned(partitions))
+    if end_during_callback:  # while the first OffsetFetch is awaited
+        for _ in range(2):
+            await asyncio.sleep(0)
+        session.ended.set()
+    await callback
     for _ in range(200):
         await asyncio.sleep(0)
     session.ended.set()
