@@ -147,13 +147,25 @@ async def produce_live(topic: str, records: list[SampleRecord], over_s: float,
     try:
         chunk = max(1, len(records) // 100)
         for start in range(0, len(records), chunk):
+            batch = records[start:start + chunk]
+            await knows_partitions(producer, topic, {placed(r.key) for r in batch})
             futures = [await producer.send(topic, value=r.value, key=r.key,
                                            partition=placed(r.key))
-                       for r in records[start:start + chunk]]
+                       for r in batch]
             await asyncio.gather(*futures)
             await asyncio.sleep(over_s / 100)
     finally:
         await producer.stop()
+
+
+async def knows_partitions(producer: AIOKafkaProducer, topic: str, wanted: set[int]) -> None:
+    """A partition added while the producer runs is unknown to it until its metadata is
+    refreshed (every 5 minutes by default): sending there fails 'Unrecognized partition'."""
+    deadline = time.monotonic() + 60
+    while not wanted <= await producer.partitions_for(topic):
+        assert time.monotonic() < deadline, f"producer never saw partitions {wanted} of {topic}"
+        await producer.client.force_metadata_update()
+        await asyncio.sleep(0.2)
 
 
 def new_users(count: int, first_event_id: int) -> list[SampleRecord]:
