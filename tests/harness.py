@@ -13,13 +13,14 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError
 from aiokafka.protocol.admin import DeleteGroupsRequest
 from cassandra.cluster import Session
 from prometheus_client.parser import text_string_to_metric_families
@@ -38,6 +39,8 @@ BOOTSTRAP = os.environ.get("SETTLER_KAFKA_BOOTSTRAP", "127.0.0.1:9092")
 CQL = os.environ.get("SETTLER_CQL_CONTACT_POINTS", "127.0.0.1:9042")
 STACK_ENV = {"SETTLER_KAFKA_BOOTSTRAP": BOOTSTRAP, "SETTLER_CQL_CONTACT_POINTS": CQL}
 PARTITIONS = 3
+KAFKA_RECOVERY_S = 60.0
+T = TypeVar("T")
 # How long a broker keeps a SIGKILLed worker in its group: three times the worker's
 # consumer session timeout (10 s, settler.kafka.consumer), for the rebalance after it.
 GROUP_EMPTY_TIMEOUT_S = 30.0
@@ -206,7 +209,26 @@ async def stop_quietly(consumer: AIOKafkaConsumer) -> None:
         await consumer.stop()
 
 
+async def kafka_lookup(what: str, lookup: Callable[[], Awaitable[T]],
+                       timeout: float = KAFKA_RECOVERY_S) -> T:
+    """A test's own Kafka lookup, retried while a broker that was just frozen or
+    restarted answers without metadata (NodeNotReadyError: 'node id None')."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return await lookup()
+        except KafkaError as exc:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{what}: Kafka still failing after {timeout}s: "
+                                     f"{exc!r}") from exc
+            await asyncio.sleep(0.5)
+
+
 async def end_offsets(topic: str) -> dict[TopicPartition, int]:
+    return await kafka_lookup(f"end offsets of {topic}", lambda: _end_offsets_once(topic))
+
+
+async def _end_offsets_once(topic: str) -> dict[TopicPartition, int]:
     admin = AIOKafkaAdminClient(bootstrap_servers=BOOTSTRAP)
     await admin.start()
     try:
@@ -225,7 +247,9 @@ async def end_offsets(topic: str) -> dict[TopicPartition, int]:
 
 
 async def committed_offsets(group: str) -> dict[TopicPartition, int]:
-    return await replay.committed_offsets(load_settings(environ=STACK_ENV), group)
+    settings = load_settings(environ=STACK_ENV)
+    return await kafka_lookup(f"committed offsets of {group}",
+                              lambda: replay.committed_offsets(settings, group))
 
 
 async def wait_caught_up(env: TestEnv, timeout: float, worker: WorkerProcess | None = None
