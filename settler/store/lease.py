@@ -6,13 +6,15 @@ transactions (a single partition, so LWT applies). A worker that cannot take it 
 as a standby. Every writer session has its own epoch (taking the lease, or starting a
 new session while holding it, raises the epoch by one).
 
-"Valid" is this worker's own, clock-skew tolerant view: the lease is valid until
-`VALID_SHARE` of the TTL after the last successful renewal was *sent*; another worker
-takes it only after the full TTL by its own clock (and then waits out the takeover wait
-before it reads anything). Fencing does not depend on clocks agreeing: the holder never
-uses a write timestamp above the `ts_ceiling` it has recorded in the lease, and a new
-holder starts above the previous ceiling, so late writes of a stalled former holder
-always lose.
+"Valid" is this worker's own view: the lease is valid until `VALID_SHARE` of the TTL
+after the last successful renewal was *sent*, by its monotonic clock. Another worker
+takes it once `expires_at` has passed by its own clock, and only if the row still holds
+the renewal it judged (so no renewal lands between its look and its take). Whether the
+hosts' clocks agree decides only when that happens, not what is safe: after taking over
+an expired lease the new holder reads nothing until a full TTL plus the takeover wait
+after it first saw the former holder's last renewal, by its own monotonic clock
+(`takeover_wait_s`), and it writes above the former holder's `ts_ceiling`, so late
+writes of a stalled former holder always lose.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ _CQL: Final = {
     ),
     "take": (
         "UPDATE {ks}.writer_lease SET owner = ?, epoch = ?, expires_at = ?, ts_ceiling = ?"
-        " WHERE name = ? IF epoch = ?"
+        " WHERE name = ? IF epoch = ? AND expires_at = ?"
     ),
     "renew": (
         "UPDATE {ks}.writer_lease SET expires_at = ?, ts_ceiling = ?"
@@ -97,7 +99,9 @@ class LeaseTable(Protocol):
     async def create(self, owner: str, expires_ms: int, ceiling: int) -> bool: ...
 
     async def take(self, owner: str, epoch: int, expires_ms: int, ceiling: int,
-                   expected_epoch: int) -> bool: ...
+                   expected_epoch: int, expected_expires_ms: int) -> bool:
+        """Applied only if the row still holds `expected_epoch` and `expected_expires_ms`
+        (the holder has not renewed since it was read)."""
 
     async def renew(self, owner: str, epoch: int, expires_ms: int, ceiling: int) -> bool: ...
 
@@ -133,9 +137,9 @@ class CqlLeaseTable:
         return await self._lwt("create", (self.name, owner, expires_ms, ceiling))
 
     async def take(self, owner: str, epoch: int, expires_ms: int, ceiling: int,
-                   expected_epoch: int) -> bool:
+                   expected_epoch: int, expected_expires_ms: int) -> bool:
         return await self._lwt("take", (owner, epoch, expires_ms, ceiling, self.name,
-                                        expected_epoch))
+                                        expected_epoch, expected_expires_ms))
 
     async def renew(self, owner: str, epoch: int, expires_ms: int, ceiling: int) -> bool:
         return await self._lwt("renew", (expires_ms, ceiling, self.name, owner, epoch))
@@ -174,6 +178,8 @@ class WriterLease:
         self._last_ts = 0
         self._valid_until = 0.0  # monotonic deadline of our own right to write
         self.took_over_expired = False  # the previous holder died instead of releasing
+        self._seen: tuple[Holder | None, float] = (None, 0.0)  # a holder, first seen at
+        self._former_seen_at = 0.0  # when we first saw the renewal of the holder we replaced
         self.behind_us = 0  # how far a former holder's timestamps ran ahead of our clock
 
     # -- taking it ------------------------------------------------------------------------
@@ -184,6 +190,8 @@ class WriterLease:
         holder = await self.table.read()
         now_us, started = self.clock.wall_us(), self.clock.monotonic()
         now_ms = now_us // 1000
+        if self._seen[0] != holder:
+            self._seen = (holder, started)  # answered after it was written: not earlier
         if holder is not None and holder.owner is not None and holder.expires_at_ms > now_ms:
             return holder
         floor = max(now_us, (holder.ts_ceiling + 1) if holder else 0)
@@ -195,7 +203,7 @@ class WriterLease:
                 applied = await self.table.create(self.owner, expires, ceiling)
             else:
                 applied = await self.table.take(self.owner, epoch, expires, ceiling,
-                                                holder.epoch)
+                                                holder.epoch, holder.expires_at_ms)
         except Exception as exc:
             if not cql.is_transient(exc):
                 raise
@@ -210,9 +218,23 @@ class WriterLease:
         self.epoch, self._ceiling, self._last_ts = epoch, ceiling, floor - 1
         self.behind_us = max(0, floor - now_us)
         self.took_over_expired = holder is not None and holder.owner is not None
+        self._former_seen_at = self._seen[1]
         self._valid_until = started + self.ttl_s * VALID_SHARE
         self.held = True
         return None
+
+    def takeover_wait_s(self, batchlog_s: float) -> float:
+        """How long to wait before reading anything after this take, so that no batch of
+        the former holder can still come out of a batchlog afterwards: none after a
+        release; after an expired lease, until a full TTL plus `batchlog_s` after this
+        worker first saw the holder's last renewal. The holder wrote nothing later than
+        `VALID_SHARE` of the TTL after sending that renewal (before we saw it), and the
+        take was applied only if no later renewal of its landed. Measured on this
+        worker's monotonic clock, so it holds however far the hosts' clocks disagree."""
+        if not self.took_over_expired:
+            return 0.0
+        quiet_for = self.clock.monotonic() - self._former_seen_at
+        return max(0.0, self.ttl_s + batchlog_s - quiet_for)
 
     # -- holding it -----------------------------------------------------------------------
 

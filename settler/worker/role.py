@@ -56,14 +56,14 @@ class WriterRole:
             tenure = Tenure(lease, self.stopping, self._cql_down)
             if not await tenure.acquire():
                 break
-            end = await self._hold(tenure, self.takeover_wait if lease.took_over_expired else 0)
+            end = await self._hold(tenure, lease.takeover_wait_s(self.takeover_wait))
             if end is SessionEnd.FATAL:
                 return 1
             if end is SessionEnd.STOPPED:
                 break
         return 0
 
-    async def _hold(self, tenure: Tenure, wait: int) -> SessionEnd:
+    async def _hold(self, tenure: Tenure, wait: float) -> SessionEnd:
         """Writer sessions under one hold of the lease, until it ends."""
         while True:
             if wait and not await self._wait_out(tenure, wait):
@@ -110,13 +110,13 @@ class WriterRole:
                 await tenure.end(release=False, timeout_s=CLOSE_TIMEOUT_S)
                 return SessionEnd.LAPSED
 
-    async def _wait_out(self, tenure: Tenure, seconds: int) -> bool:
+    async def _wait_out(self, tenure: Tenure, seconds: float) -> bool:
         """The takeover wait, and longer while a database node restarted too recently to
         have replayed its batchlog. False if stopped or lapsed meanwhile."""
         # A writer that died (or a session that abandoned work) may have batches in the
         # batchlog that land later: reading rows before they do, then writing newer cells,
         # could undo them. The lease is renewed meanwhile.
-        log.info("waiting for the previous writer's batches to settle", seconds=seconds,
+        log.info("waiting for the previous writer's batches to settle", seconds=round(seconds, 1),
                  epoch=tenure.epoch)
         waited = await tenure.wait(seconds)
         restarted = await restarted_node_wait(self.server, self.store.node_start_times,

@@ -50,8 +50,9 @@ class Row:
         return self._answer(True)
 
     async def take(self, owner: str, epoch: int, expires_ms: int, ceiling: int,
-                   expected_epoch: int) -> bool:
-        if self.holder is None or self.holder.epoch != expected_epoch:
+                   expected_epoch: int, expected_expires_ms: int) -> bool:
+        if self.holder is None or (self.holder.epoch, self.holder.expires_at_ms) != (
+                expected_epoch, expected_expires_ms):
             return self._answer(False)
         self.holder = Holder(owner, epoch, expires_ms, ceiling)
         return self._answer(True)
@@ -177,3 +178,61 @@ def test_release_promises_no_timestamp_above_the_last_one_issued() -> None:
     run(lease.release())
     assert row.holder is not None and row.holder.owner is None
     assert row.holder.ts_ceiling == last
+
+
+def test_a_renewal_landing_between_the_look_and_the_take_makes_the_take_fail() -> None:
+    """The holder's clock runs behind ours, so its lease looks expired while it still
+    renews. A renewal of its that lands after we read the row and before our take must
+    make the take fail: a take conditioned on the epoch alone applied, with our ceiling
+    computed from the stale row (below the holder's new one), so both would write and
+    the holder's late cells could win over ours."""
+    clock = Clock()
+    behind_ms = 20_000  # the holder's expires_at, by its clock, is already past by ours
+    expires = int(clock.wall_s * 1000) - behind_ms + 10_000
+    row = Row(Holder("holder", 4, expires, 5_000))
+    lease = WriterLease(row, ttl_s=10, clock=clock, owner="me")
+    take = row.take
+
+    async def renewed_first(*args: int | str) -> bool:
+        assert await row.renew("holder", 4, expires + 3_333, 9_000_000_000_000_000)
+        return await take(*args)  # type: ignore[arg-type]
+
+    row.take = renewed_first  # type: ignore[method-assign]
+    current = run(lease.try_acquire())
+    assert not lease.held
+    assert current == Holder("holder", 4, expires + 3_333, 9_000_000_000_000_000)
+
+
+def test_after_an_expired_lease_the_wait_counts_from_first_sight_of_its_last_renewal() -> None:
+    """Not from `expires_at` by our clock: a holder whose clock runs behind ours looks
+    expired early, yet it may write until 80% of the TTL after that renewal, and its
+    batchlog may replay later still. So: a full TTL plus the wait after we first saw it."""
+    clock = Clock()
+    behind_ms = 6_500
+    expires = int(clock.wall_s * 1000) - behind_ms + 10_000  # 3.5 s left by our clock
+    row = Row(Holder("holder", 4, expires, 5_000))
+    lease = WriterLease(row, ttl_s=10, clock=clock, owner="me")
+    assert run(lease.try_acquire()) is not None  # first sight: not expired yet by our clock
+    clock.advance(3.6)
+    assert run(lease.try_acquire()) is None and lease.took_over_expired
+    assert lease.takeover_wait_s(15) == pytest.approx(10 + 15 - 3.6)
+    clock.advance(30)
+    assert lease.takeover_wait_s(15) == 0.0
+
+
+def test_a_holder_seen_unchanged_for_long_needs_only_what_is_left_of_ttl_plus_wait() -> None:
+    clock = Clock()
+    row = Row(Holder("holder", 4, int(clock.wall_s * 1000) + 10_000, 5_000))
+    lease = WriterLease(row, ttl_s=10, clock=clock, owner="me")
+    assert run(lease.try_acquire()) is not None
+    clock.advance(12)  # seen unchanged (no renewal) for 12 s; expired by our clock
+    assert run(lease.try_acquire()) is None
+    assert lease.takeover_wait_s(15) == pytest.approx(13)
+
+
+def test_a_released_lease_needs_no_wait() -> None:
+    clock = Clock()
+    row = Row(Holder(None, 4, 0, 5_000))
+    lease = WriterLease(row, ttl_s=10, clock=clock, owner="me")
+    assert run(lease.try_acquire()) is None
+    assert not lease.took_over_expired and lease.takeover_wait_s(15) == 0.0

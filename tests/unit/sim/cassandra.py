@@ -386,9 +386,10 @@ class SimLeaseTable:
         return update
 
     async def take(self, owner: str, epoch: int, expires_ms: int, ceiling: int,
-                   expected_epoch: int) -> bool:
+                   expected_epoch: int, expected_expires_ms: int) -> bool:
         return bool(await self._lwt(self._if(
-            lambda row: row["epoch"] == expected_epoch,
+            lambda row: (row["epoch"], row["expires_at"]) == (expected_epoch,
+                                                               expected_expires_ms),
             owner=owner, epoch=epoch, expires_at=expires_ms, ts_ceiling=ceiling)))
 
     async def renew(self, owner: str, epoch: int, expires_ms: int, ceiling: int) -> bool:
