@@ -22,7 +22,7 @@ from settler.worker.ports import Clients, Store, production_clients
 from settler.worker.retry import Backoff, Retrier, Stopping
 from settler.worker.role import WriterRole
 from settler.worker.session import CLOSE_TIMEOUT_S
-from settler.worker.takeover import TAKEOVER_WAIT_S
+from settler.worker.takeover import takeover_wait_s
 
 log = logs.get("settler.worker")
 
@@ -121,7 +121,7 @@ class Worker:
         """The takeover wait and the batch bound: set, or derived from the database."""
         wait = self.settings.takeover_wait_s
         if wait is None:
-            wait = TAKEOVER_WAIT_S[server]
+            wait = takeover_wait_s(server, self.settings.cql_request_timeout_s)
             log.info("takeover wait derived from the database", server=server, seconds=wait)
         limit = self.settings.batch_max_bytes
         if limit is None:

@@ -88,7 +88,7 @@ class Store(Protocol):
 
     async def batch_fail_threshold(self) -> int | None: ...
 
-    async def node_start_times(self) -> list[int]: ...
+    async def node_uptimes(self) -> list[float]: ...
 
     async def probe(self) -> None: ...
 
@@ -152,10 +152,16 @@ class ProductionStore(SettlementDb):
         return None
 
 
-    async def node_start_times(self) -> list[int]:
-        """When each node of the cluster last started (epoch seconds, its gossip
-        generation): Cassandra's system_views.gossip_info, else the coordinator's own
-        system.local (ScyllaDB, older Cassandra)."""
+    async def node_uptimes(self) -> list[float]:
+        """How long each node of the cluster has been up, by the database's clock: the
+        coordinator's time (read first, so an uptime is never overstated) minus each
+        node's gossip generation (when it last started, epoch seconds): Cassandra's
+        system_views.gossip_info, else the coordinator's own system.local (ScyllaDB,
+        older Cassandra)."""
+        clock = list(await self.run("SELECT toUnixTimestamp(now()) FROM system.local") or ())
+        if not clock or clock[0][0] is None:
+            raise LookupError("system.local gave no current time")
+        now_s = clock[0][0] / 1000
         for query in ("SELECT generation FROM system_views.gossip_info",
                       "SELECT gossip_generation FROM system.local"):
             try:
@@ -164,7 +170,7 @@ class ProductionStore(SettlementDb):
                 continue
             starts = [int(row[0]) for row in rows if row[0]]
             if starts:
-                return starts
+                return [now_s - start for start in starts]
         raise LookupError("no node start time found in system_views.gossip_info or "
                           "system.local")
 

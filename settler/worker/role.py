@@ -119,16 +119,12 @@ class WriterRole:
         log.info("waiting for the previous writer's batches to settle", seconds=round(seconds, 1),
                  epoch=tenure.epoch)
         waited = await tenure.wait(seconds)
-        restarted = await restarted_node_wait(self.server, self.store.node_start_times,
-                                              now=self._wall_s)
+        restarted = await restarted_node_wait(self.server, self.store.node_uptimes)
         if waited and restarted > 0:
             log.info("waiting until a restarted database node has replayed its batchlog",
                      seconds=round(restarted, 1), epoch=tenure.epoch)
             waited = await tenure.wait(restarted)
         return waited
-
-    def _wall_s(self) -> float:
-        return self.clients.clock.wall_us() / 1e6
 
     def _cql_down(self, exc: BaseException) -> None:
         self.health.checks["cql"] = False

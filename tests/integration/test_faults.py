@@ -66,6 +66,11 @@ async def test_cassandra_sigkilled_mid_stream_and_restarted_leaves_balances_exac
         await asyncio.wait_for(asyncio.to_thread(devstack.up, env.settings, quiet=True),
                                RESTART_S)
         await harness.wait_caught_up(env, CATCH_UP_S, worker)
+    # The lease lapsed while the node was down; the next hold waited for the restarted
+    # node's batchlog, by the uptime the node itself reports.
+    assert worker.logged("waiting until a restarted database node has replayed its batchlog"), (
+        worker.tail())
+    assert not worker.logged("uptimes not read"), worker.tail()
     assert_settled_exactly(env, registry, records)
     await assert_dead_letters(env, records, sources)
 

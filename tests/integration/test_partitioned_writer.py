@@ -28,7 +28,7 @@ SHIPPED = {"SETTLER_LEASE_TTL_S": "10", "SETTLER_TAKEOVER_WAIT_S": "auto",
            "SETTLER_CQL_REQUEST_TIMEOUT_S": "10"}
 STREAM = StreamShape(events=12_000, users=150, duplicate_rate=0.05, malformed_rate=0.01,
                      seed=23)
-CUT_S = 40.0  # longer than the lease TTL plus the takeover wait
+CUT_S = 50.0  # longer than the lease TTL plus the takeover wait (10 + 25 s)
 
 
 def assert_exact(env: harness.TestEnv, registry: Registry, records: list) -> None:  # type: ignore[type-arg]

@@ -17,7 +17,7 @@ from settler.config import load_settings
 from settler.core.registry import Registry
 from settler.dev import stack as devstack
 from settler.ops.sample import SampleRecord, StreamShape, generate
-from settler.worker.main import TAKEOVER_WAIT_S
+from settler.worker.takeover import takeover_wait_s
 from tests import harness
 from tests.model import expected_balances, expected_dead_letters, expected_trade_ids
 
@@ -31,7 +31,8 @@ SHIPPED = load_settings(environ={})
 # A crashed writer's successor must settle again within the documented takeover time:
 # the lease lapses (TTL), then the takeover wait; the margin is the new writer joining
 # the consumer group and its first commit.
-TAKEOVER_S = SHIPPED.lease_ttl_s + TAKEOVER_WAIT_S["cassandra"]  # the local stack's database
+TAKEOVER_WAIT_S = takeover_wait_s("cassandra", SHIPPED.cql_request_timeout_s)  # local stack
+TAKEOVER_S = SHIPPED.lease_ttl_s + TAKEOVER_WAIT_S
 TAKEOVER_MARGIN_S = 15.0
 TAKEOVER_CATCH_UP_S = 120.0  # the rest of the stream once a new writer settles
 def assert_settled_exactly(env: harness.TestEnv, registry: Registry,
@@ -342,7 +343,7 @@ async def wait_settling_again(crashed_at: float, workers: Supervised) -> None:
             raise AssertionError(
                 f"nothing settled {TAKEOVER_S + TAKEOVER_MARGIN_S:.0f}s after the writer was "
                 f"SIGKILLed (lease TTL {SHIPPED.lease_ttl_s}s + takeover wait "
-                f"{TAKEOVER_WAIT_S['cassandra']}s + {TAKEOVER_MARGIN_S:.0f}s):\n{tails}")
+                f"{TAKEOVER_WAIT_S}s + {TAKEOVER_MARGIN_S:.0f}s):\n{tails}")
         await asyncio.sleep(0.25)
 
 

@@ -12,8 +12,8 @@ import pytest
 from settler import worker
 from settler.config import OPTIONS, env_name, load_settings
 from settler.store.lease import VALID_SHARE
-from settler.worker.main import BATCH_BYTES_SHARE, TAKEOVER_WAIT_S
-from settler.worker.takeover import NODE_UPTIME_S
+from settler.worker.main import BATCH_BYTES_SHARE
+from settler.worker.takeover import BATCHLOG_REPLAY_S, NODE_UPTIME_S, takeover_wait_s
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
@@ -37,10 +37,10 @@ PINNED = {
 SHUTDOWN_BUDGET_S = 10.0
 DRAIN_TIMEOUT_S = 3.0
 REVOKE_DRAIN_S = 20.0
-# The takeover wait is derived from the database unless set: each must outlast its
-# batchlog replay (Cassandra: 2 x write_request_timeout, checked every 10 s; ScyllaDB: a
-# 60 s loop).
-TAKEOVER_WAIT = {"cassandra": 15, "scylla": 75}
+# The takeover wait is derived from the database unless set: a request in transit (up
+# to the request timeout) and then its batchlog replay (Cassandra: 2 x
+# write_request_timeout, checked every 10 s; ScyllaDB: a 60 s loop).
+TAKEOVER_WAIT = {"cassandra": 25, "scylla": 75}
 
 
 def readme_defaults() -> dict[str, str]:
@@ -67,7 +67,10 @@ def test_the_readme_documents_the_pinned_default(setting: str) -> None:
 def test_the_takeover_wait_is_derived_and_pinned_per_database() -> None:
     assert load_settings(environ={}).takeover_wait_s is None  # auto
     assert OPTIONS["takeover_wait_s"].default == "auto"
-    assert TAKEOVER_WAIT_S == TAKEOVER_WAIT
+    assert BATCHLOG_REPLAY_S == {"cassandra": 15, "scylla": 65}
+    shipped = load_settings(environ={}).cql_request_timeout_s
+    assert {server: takeover_wait_s(server, shipped) for server in TAKEOVER_WAIT} == (
+        TAKEOVER_WAIT)
     row = readme_row("SETTLER_TAKEOVER_WAIT_S")
     assert (f"{TAKEOVER_WAIT['cassandra']} for Cassandra" in row
             and f"{TAKEOVER_WAIT['scylla']} for ScyllaDB" in row), row

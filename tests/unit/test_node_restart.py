@@ -5,7 +5,7 @@ counts from the moment the next writer takes the lease.
 History ("two crashed writers in a row" across a node restart): writer A's LOGGED batch
 for events E is logged by the node, which is then killed (its batchlog entry synced, the
 batch not applied) and restarts 12 s later. A's lease lapses meanwhile. The next writer
-takes the expired lease once the node answers, waits out the takeover wait (15 s), reads
+takes the expired lease once the node answers, waits out the takeover wait (25 s), reads
 the rows without E, re-plans E (claims in its epoch) and dies before its own batch
 leaves. The node's batchlog then applies A's batch: the rows hold E under A's epoch. The
 writer after that finds E claimed by an epoch that never wrote those rows and, without
@@ -27,7 +27,7 @@ from tests.unit.sim.scripted import ScriptedSimulation, Takeover, logged, record
 from tests.unit.simdb import mutations
 
 RESTART_S = 12.0  # the node is down this long (a Cassandra start on a small machine)
-REPLAY_AFTER_START_S = 35.0  # RING_DELAY (30 s), then the first pass of the 10 s loop
+REPLAY_AFTER_START_S = 40.0  # RING_DELAY (30 s), then the 10 s loop: its latest first pass
 
 
 @pytest.fixture(autouse=True)

@@ -1,7 +1,7 @@
 """Deterministic simulation of a two-worker deployment: the REAL worker (`settler.worker`:
 tenure, session, intake, pipeline, committing, the Ledger and the SettlementDb builders)
 against simulated Kafka and Cassandra (tests/unit/sim/), in virtual time, with the
-shipped default timings (lease TTL 10 s, takeover wait 15 s, request timeout 10 s, retry
+shipped default timings (lease TTL 10 s, takeover wait 25 s, request timeout 10 s, retry
 0.1..5 s, commit every 0.5 s, session timeout 10 s, revoke drain 20 s).
 
 Each example is one seed: a live stream (bursts, duplicates, malformed records, copies

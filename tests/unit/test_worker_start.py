@@ -9,8 +9,8 @@ import pytest
 from settler.config import DEFAULT_REGISTRY, load_settings
 from settler.core.registry import load_registry
 from settler.worker import Worker
-from settler.worker.main import DEFAULT_BATCH_MAX_BYTES, TAKEOVER_WAIT_S
-from settler.worker.takeover import NODE_UPTIME_S, restarted_node_wait
+from settler.worker.main import DEFAULT_BATCH_MAX_BYTES
+from settler.worker.takeover import NODE_UPTIME_S, restarted_node_wait, takeover_wait_s
 
 
 class Server:
@@ -33,10 +33,14 @@ def derived(product: str, threshold: int | None, **environ: str) -> tuple[int, i
                                        product))
 
 
-@pytest.mark.parametrize(("product", "wait"), [("cassandra", 15), ("scylla", 75)])
-def test_the_takeover_wait_outlasts_the_connected_databases_batchlog_replay(
+@pytest.mark.parametrize(("product", "wait"), [("cassandra", 25), ("scylla", 75)])
+def test_the_takeover_wait_outlasts_a_request_in_transit_and_the_databases_batchlog_replay(
         product: str, wait: int) -> None:
-    assert derived(product, 1024 * 1024)[0] == wait == TAKEOVER_WAIT_S[product]
+    assert derived(product, 1024 * 1024)[0] == wait == takeover_wait_s(product, 10)
+
+
+def test_the_takeover_wait_follows_the_request_timeout() -> None:
+    assert derived("cassandra", None, SETTLER_CQL_REQUEST_TIMEOUT_S="30")[0] == 15 + 30
 
 
 def test_a_takeover_wait_set_by_the_operator_wins() -> None:
@@ -51,12 +55,13 @@ def test_the_batch_bound_is_80_percent_of_the_servers_fail_threshold() -> None:
 
 
 def restart_wait(server: str, starts: list[int] | Exception, now: float) -> float:
-    async def node_starts() -> list[int]:
+    """Start times and `now` both on the database's clock, as `node_uptimes` reads them."""
+    async def node_uptimes() -> list[float]:
         if isinstance(starts, Exception):
             raise starts
-        return starts
+        return [now - start for start in starts]
 
-    return asyncio.run(restarted_node_wait(server, node_starts, now=lambda: now))
+    return asyncio.run(restarted_node_wait(server, node_uptimes))
 
 
 def test_a_takeover_waits_until_a_restarted_node_has_replayed_its_batchlog() -> None:

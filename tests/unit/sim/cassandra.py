@@ -463,9 +463,12 @@ class SimStore(SettlementDb):
     async def batch_fail_threshold(self) -> int | None:
         return self.node.faults.fail_threshold_bytes
 
-    async def node_start_times(self) -> list[int]:
-        started: list[int] = await self.request(lambda: [int(self.node.started_at)])
-        return started
+    async def node_uptimes(self) -> list[float]:
+        """By the node's clock (the simulation's true time), like Cassandra's: its time
+        minus its gossip generation (whole seconds)."""
+        uptimes: list[float] = await self.request(
+            lambda: [self.node.world.now - int(self.node.started_at)])
+        return uptimes
 
     async def probe(self) -> None:
         await self.run(PROBE)

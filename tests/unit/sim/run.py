@@ -3,7 +3,7 @@ simulated Kafka and Cassandra, a live stream, and seeded faults; then the checks
 
 Every timing is the shipped default (lease TTL, takeover wait, request timeout, retry
 bounds, commit interval, session and rebalance timeouts, revoke drain) because time is
-virtual: a 15 s takeover wait costs nothing. A `Scenario` is fully determined by its
+virtual: a 25 s takeover wait costs nothing. A `Scenario` is fully determined by its
 fields; `Scenario(...).simulate()` replays it exactly (same Python hash seed).
 """
 
