@@ -234,9 +234,11 @@ OPTIONS: dict[str, Option] = {
     "takeover_wait_s": Option(
         "auto", _auto_or(_non_negative_int),
         "after taking over from a writer that died, wait this long (renewing the lease)"
-        " before reading balances, so its batches still in the batchlog land first; auto:"
-        " 15 for Cassandra (replays after 2 x write_request_timeout, checked every 10 s),"
-        " 75 for ScyllaDB (replays on a 60 s loop)",
+        " before reading balances, so its batches still on their way or in the batchlog"
+        " land first; auto: the CQL request timeout plus the batchlog's replay bound, 25"
+        " for Cassandra (15: replays after 2 x write_request_timeout, checked every 10 s),"
+        " 75 for ScyllaDB (65: replays on a 60 s loop); a value below auto is allowed but"
+        " logged as a warning",
     ),
     "batch_max_bytes": Option(
         "auto", _auto_or(_positive_int),

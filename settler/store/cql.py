@@ -240,15 +240,17 @@ def connect(settings: Settings, *, keyspace: str | None = None) -> tuple[Cluster
 
 
 def run(session: Session, statement: Any, parameters: Sequence[Any] | None = None,
-        *, timeout: float | None = None) -> asyncio.Future[Any]:
+        *, timeout: float | None = None, host: Any = None) -> asyncio.Future[Any]:
     """Execute asynchronously; the returned asyncio future resolves to ALL the result rows
-    (every page: a caller that assumes one page would silently miss rows)."""
+    (every page: a caller that assumes one page would silently miss rows). `host`: that
+    node as coordinator (its own system tables), instead of the load-balancing policy's."""
     loop = asyncio.get_running_loop()
     future: asyncio.Future[Any] = loop.create_future()
+    options: dict[str, Any] = {} if host is None else {"host": host}
     if timeout is None:
-        response = session.execute_async(statement, parameters)
+        response = session.execute_async(statement, parameters, **options)
     else:
-        response = session.execute_async(statement, parameters, timeout=timeout)
+        response = session.execute_async(statement, parameters, timeout=timeout, **options)
     pages: list[Any] = []
 
     def on_rows(rows: Any) -> None:

@@ -120,9 +120,14 @@ class Worker:
     async def _derived(self, store: Store, server: str) -> tuple[int, int]:
         """The takeover wait and the batch bound: set, or derived from the database."""
         wait = self.settings.takeover_wait_s
+        derived = takeover_wait_s(server, self.settings.cql_request_timeout_s)
         if wait is None:
-            wait = takeover_wait_s(server, self.settings.cql_request_timeout_s)
+            wait = derived
             log.info("takeover wait derived from the database", server=server, seconds=wait)
+        elif wait < derived:
+            log.warning("SETTLER_TAKEOVER_WAIT_S is below what the database needs: a former"
+                        " writer's batch may land after the next writer read",
+                        seconds=wait, needed=derived, server=server)
         limit = self.settings.batch_max_bytes
         if limit is None:
             threshold = await self.retrier.run("cql_read", store.batch_fail_threshold)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from aiokafka import ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
@@ -17,6 +17,7 @@ from aiokafka.abc import ConsumerRebalanceListener
 from settler import kafka
 from settler.config import Settings
 from settler.core.lineage import Claim, Resolved, Row
+from settler.store import cql
 from settler.store.db import Progress, SettlementDb
 from settler.store.lease import Clock, CqlLeaseTable, LeaseTable, SystemClock
 
@@ -107,6 +108,10 @@ class Clients:
     check_kafka: Callable[[], Awaitable[None]] | None = None
 
 
+NODE_CLOCK: Final = "SELECT toUnixTimestamp(now()), gossip_generation FROM system.local"
+"""A node's own time (ms) and when it last started (s), both by its clock."""
+
+
 class ProductionStore(SettlementDb):
     """SettlementDb plus the writer's lease table, probe and server detection."""
 
@@ -153,26 +158,26 @@ class ProductionStore(SettlementDb):
 
 
     async def node_uptimes(self) -> list[float]:
-        """How long each node of the cluster has been up, by the database's clock: the
-        coordinator's time (read first, so an uptime is never overstated) minus each
-        node's gossip generation (when it last started, epoch seconds): Cassandra's
-        system_views.gossip_info, else the coordinator's own system.local (ScyllaDB,
-        older Cassandra)."""
-        clock = list(await self.run("SELECT toUnixTimestamp(now()) FROM system.local") or ())
-        if not clock or clock[0][0] is None:
-            raise LookupError("system.local gave no current time")
-        now_s = clock[0][0] / 1000
-        for query in ("SELECT generation FROM system_views.gossip_info",
-                      "SELECT gossip_generation FROM system.local"):
-            try:
-                rows = list(await self.run(query) or ())
-            except Exception:  # noqa: BLE001 - this server has no such table: try the next
-                continue
-            starts = [int(row[0]) for row in rows if row[0]]
-            if starts:
-                return [now_s - start for start in starts]
-        raise LookupError("no node start time found in system_views.gossip_info or "
-                          "system.local")
+        """How long each node of the cluster has been up, each by its own clock: every
+        node the driver knows is asked, as coordinator, for its time and its gossip
+        generation (when it last started) from its own system.local, the same table on
+        Cassandra and ScyllaDB. Raises if any node does not answer (down, or a timeout):
+        its uptime is unknown, so the caller waits the whole bound."""
+        hosts = list(self.cluster.metadata.all_hosts())
+        if not hosts:
+            raise LookupError("the driver knows no database node")
+        uptimes = []
+        for host in hosts:
+            rows = list(await self.run_on(host, NODE_CLOCK) or ())
+            if not rows or rows[0][0] is None or not rows[0][1]:
+                raise LookupError(f"node {host} gave no time or gossip generation")
+            now_ms, generation = rows[0]
+            uptimes.append(now_ms / 1000 - generation)
+        return uptimes
+
+    async def run_on(self, host: Any, statement: str) -> Any:
+        """One statement with `host` as its coordinator."""
+        return await cql.run(self.session, statement, host=host)
 
 
 def production_clients(settings: Settings) -> Clients:

@@ -1,6 +1,11 @@
 """Red team, round 3 of the takeover rule (9927fea): the restarted-node wait on a cluster
 of several nodes, and what the takeover wait's documentation tells an operator.
 
+FIXED since (all tests below pass): `node_uptimes` now asks every node the driver knows,
+as coordinator, for its own time and its own gossip generation (`NODE_CLOCK` on its
+system.local), and raises if any does not answer (the caller then waits the whole
+bound); the option's help states the `auto` values. What the red team found on 9927fea:
+
 `ProductionStore.node_uptimes` (settler/worker/ports.py:155-175) reads the coordinator's
 time, then the nodes' gossip generations from `system_views.gossip_info`, "else" from
 `system.local`. ARCHITECTURE.md ("Two crashed writers in a row") promises that the wait
@@ -72,25 +77,26 @@ from typing import Any, cast
 from unittest import mock
 
 import pytest
-from cassandra import InvalidRequest, OperationTimedOut
+from cassandra import OperationTimedOut
 
 from settler.config import OPTIONS
-from settler.worker.ports import ProductionStore
+from settler.worker.ports import NODE_CLOCK, ProductionStore
 from settler.worker.takeover import restarted_node_wait, takeover_wait_s
 from tests.unit import test_redteam_takeover_rule as rule
 from tests.unit.sim.cassandra import SimStore
 from tests.unit.sim.scripted import ScriptedSimulation
 from tests.unit.test_redteam_takeover_rule import HistoryMissed, _restart_history
 
-NOW_QUERY = "SELECT toUnixTimestamp(now()) FROM system.local"
-GOSSIP_INFO = "SELECT generation FROM system_views.gossip_info"
-LOCAL_GENERATION = "SELECT gossip_generation FROM system.local"
-COORDINATOR_UP_S = 86_400.0  # the coordinator C has been up for a day
+COORDINATOR_START = int(1_700_000_000.0 - 86_400.0)  # C has been up for a day
 SEEDS = (0, 1, 2)
 # X's batchlog replays at the latest first pass after its start (RING_DELAY 30 s, then the
 # 10 s loop), as tests/unit/test_node_restart.py has it: at 35 s the takeover wait alone
 # (TTL + 25 s from a first sight after X is back) can end just after the replay.
 LATEST_REPLAY_AFTER_START_S = 40.0
+X_BEHIND_S = 12.0
+
+# What NODE_CLOCK routed to a host answers: (host, true time now, X's start) -> rows.
+Answers = Callable[[str, float, float], Any]
 
 
 @pytest.fixture(autouse=True)
@@ -99,36 +105,49 @@ def _earlier_simulations_collected() -> None:
 
 
 class TwoNodes:
-    """The system tables of a two-node cluster as coordinator C answers them: C up for a
-    day, X the simulated node (killed and restarted by the history). `gossip_info`: what
-    that query does (rows, or an exception). Used as `self` of the REAL
+    """A two-node cluster as the driver knows it: C (up for a day) and X, the simulated
+    node the history kills and restarts. Used as `self` of the REAL
     `ProductionStore.node_uptimes`."""
 
-    def __init__(self, store: SimStore, gossip_info: Callable[[float, float], Any]) -> None:
+    def __init__(self, store: SimStore, answers: Answers) -> None:
         self.store = store
-        self.gossip_info = gossip_info
-        self.answers: list[str] = []
+        self.answers = answers
+        self.cluster = SimpleNamespace(metadata=SimpleNamespace(all_hosts=lambda: ["C", "X"]))
 
-    async def run(self, statement: Any, parameters: Any = None) -> Any:
-        await asyncio.sleep(0.002)  # a round trip to C
-        world = self.store.node.world
-        coordinator_start = int(1_700_000_000.0 - COORDINATOR_UP_S)
-        if statement == NOW_QUERY:
-            return [(int(world.now * 1000),)]
-        if statement == LOCAL_GENERATION:
-            return [(coordinator_start,)]
-        if statement == GOSSIP_INFO:
-            return self.gossip_info(coordinator_start, self.store.node.started_at)
-        raise AssertionError(f"unexpected query {statement!r}")
+    async def run_on(self, host: str, statement: str) -> Any:
+        await asyncio.sleep(0.002)  # a round trip to that node
+        assert statement == NODE_CLOCK, statement
+        return self.answers(host, self.store.node.world.now, self.store.node.started_at)
 
 
-def _run(seed: int, gossip_info: Callable[[float, float], Any]) -> dict[str, Any]:
+def _both(host: str, now: float, x_start: float) -> list[tuple[int, int]]:
+    return [(int(now * 1000), COORDINATOR_START if host == "C" else int(x_start))]
+
+
+def _x_times_out(host: str, now: float, x_start: float) -> list[tuple[int, int]]:
+    if host == "X":
+        raise OperationTimedOut("client request timeout")
+    return _both(host, now, x_start)
+
+
+def _x_clock_behind(host: str, now: float, x_start: float) -> list[tuple[int, int]]:
+    if host == "X":  # its time and its generation both by its own clock, 12 s behind
+        return [(int((now - X_BEHIND_S) * 1000), int(x_start - X_BEHIND_S))]
+    return _both(host, now, x_start)
+
+
+def _run(seed: int, answers: Answers) -> dict[str, Any]:
     """The restart history (no worker clock skew) with `node_uptimes` as the production
     code computes it over the two-node cluster."""
     waits: list[float] = []
 
     async def node_uptimes(self: SimStore) -> list[float]:
-        uptimes = await ProductionStore.node_uptimes(cast(Any, TwoNodes(self, gossip_info)))
+        try:
+            uptimes: list[float] = await ProductionStore.node_uptimes(
+                cast(Any, TwoNodes(self, answers)))
+        except Exception:
+            waits.append(await restarted_node_wait("cassandra", _const(None)))
+            raise
         waits.append(await restarted_node_wait("cassandra", _const(uptimes)))
         return uptimes
 
@@ -149,120 +168,76 @@ def _run(seed: int, gossip_info: Callable[[float, float], Any]) -> dict[str, Any
     return state
 
 
-def _const(uptimes: list[float]) -> Callable[[], Any]:
+def _const(uptimes: list[float] | None) -> Callable[[], Any]:
     async def read() -> list[float]:
+        if uptimes is None:
+            raise LookupError("a node did not answer")
         return uptimes
     return read
 
 
-def _both(coordinator_start: float, x_start: float) -> list[tuple[int]]:
-    return [(int(coordinator_start),), (int(x_start),)]
-
-
-def _times_out(coordinator_start: float, x_start: float) -> list[tuple[int]]:
-    raise OperationTimedOut("client request timeout")
-
-
-def _no_such_table(coordinator_start: float, x_start: float) -> list[tuple[int]]:
-    raise InvalidRequest("Error from server: code=2200 [Invalid query] message=\"Keyspace "
-                         "system_views does not exist\"")
-
-
-X_BEHIND_S = 12.0
-
-
-def _x_clock_behind(coordinator_start: float, x_start: float) -> list[tuple[int]]:
-    return [(int(coordinator_start),), (int(x_start - X_BEHIND_S),)]
-
-
 @pytest.mark.parametrize("seed", SEEDS)
-def test_control_gossip_info_lists_the_restarted_node_and_the_next_writer_waits_for_it(
+def test_control_both_nodes_answer_and_the_next_writer_waits_for_the_restarted_one(
         seed: int) -> None:
-    """Passes: the uptimes are [a day, X's], the wait lasts until X is 45 s up, and the
-    next writer reads after X's batchlog replayed (40 s after its start)."""
+    """X is not the first node asked: the wait lasts until X is 45 s up, and the next
+    writer reads after X's batchlog replayed (40 s after its start)."""
     state = _run(seed, _both)
     assert state["second_at"] > state["replayed_at"]
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "ports.py:165-171 take a transient failure of system_views.gossip_info for 'no such "
-    "table' and fall back to system.local: the coordinator's generation only, so a "
-    "restarted node elsewhere is not waited for (restarted-node wait 0 instead of the "
-    "whole bound ARCHITECTURE.md promises when uptimes cannot be read): rows differ"))
 @pytest.mark.parametrize("seed", SEEDS)
-def test_a_gossip_info_timeout_does_not_cut_the_restarted_node_wait(seed: int) -> None:
-    state = _run(seed, _times_out)
+def test_a_node_that_does_not_answer_makes_the_restarted_node_wait_the_whole_bound(
+        seed: int) -> None:
+    """Failed on 9927fea ('rows differ', 1 to 8 rows): a gossip_info timeout fell back to
+    system.local, the coordinator's generation only, and the wait was 0."""
+    state = _run(seed, _x_times_out)
     assert state["second_at"] > state["replayed_at"]
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "without system_views.gossip_info (ScyllaDB, Cassandra < 4.1) node_uptimes reads "
-    "system.local, the coordinator's own generation only (ports.py:165-173): a restarted "
-    "node other than the coordinator is never waited for: rows differ"))
 @pytest.mark.parametrize("seed", SEEDS)
-def test_a_cluster_without_gossip_info_still_waits_for_a_restarted_node_that_is_not_the_coordinator(
+def test_a_restarted_node_whose_clock_is_behind_the_others_is_still_waited_for(
         seed: int) -> None:
-    state = _run(seed, _no_such_table)
-    assert state["second_at"] > state["replayed_at"]
-
-
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "a node's uptime is the coordinator's clock minus that node's generation (its own "
-    "clock at its start, ports.py:161-173): X 12 s behind the coordinator looks 12 s "
-    "older, the wait ends 33 s after X's start, before its replay at 40 s: rows differ"))
-@pytest.mark.parametrize("seed", SEEDS)
-def test_a_restarted_node_whose_clock_is_behind_the_coordinators_is_still_waited_for(
-        seed: int) -> None:
+    """Failed on 9927fea ('rows differ'): X's uptime was C's clock minus X's generation
+    (X's clock), so X 12 s behind looked 12 s older. Now each node measures its own."""
     state = _run(seed, _x_clock_behind)
     assert state["second_at"] > state["replayed_at"]
 
 
-# -- the same three, without the simulation: what node_uptimes returns -----------------------
+# -- the same, without the simulation: what the restarted-node wait comes to -----------------
 
-X_UP_S = 10.0  # X restarted 10 s ago, by the coordinator's clock
+X_UP_S = 10.0  # X restarted 10 s ago
 
 
-def _uptime_wait(gossip_info: Callable[[float, float], Any]) -> float:
-    """The restarted-node wait ProductionStore.node_uptimes gives on the two-node cluster
-    with X up `X_UP_S`."""
+def _uptime_wait(answers: Answers) -> float:
     now = 1_700_000_000.0
     node = SimpleNamespace(started_at=now - X_UP_S, world=SimpleNamespace(now=now))
-    fake = TwoNodes(cast(SimStore, SimpleNamespace(node=node)), gossip_info)
+    fake = TwoNodes(cast(SimStore, SimpleNamespace(node=node)), answers)
 
     async def main() -> float:
         async def uptimes() -> list[float]:
-            return await ProductionStore.node_uptimes(cast(Any, fake))
+            found: list[float] = await ProductionStore.node_uptimes(cast(Any, fake))
+            return found
         return await restarted_node_wait("cassandra", uptimes)
 
     return asyncio.run(main())
 
 
-def test_control_node_uptimes_with_gossip_info_waits_for_the_restarted_node() -> None:
+def test_control_node_uptimes_wait_for_the_restarted_node() -> None:
     assert _uptime_wait(_both) == pytest.approx(45.0 - X_UP_S, abs=1.0)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "a transient error on gossip_info falls back to system.local (coordinator only): "
-    "wait 0 for a node up 10 s"))
-def test_node_uptimes_after_a_gossip_info_timeout_waits_the_whole_bound_or_for_every_node(
-        ) -> None:
-    assert _uptime_wait(_times_out) >= 45.0 - X_UP_S - 1.0
+def test_a_node_that_does_not_answer_means_the_whole_bound() -> None:
+    assert _uptime_wait(_x_times_out) == 45.0
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "no gossip_info table: system.local covers the coordinator only: wait 0 for a node "
-    "up 10 s"))
-def test_node_uptimes_without_gossip_info_waits_the_whole_bound_or_for_every_node() -> None:
-    assert _uptime_wait(_no_such_table) >= 45.0 - X_UP_S - 1.0
+def test_a_node_behind_the_others_measures_its_own_uptime() -> None:
+    assert _uptime_wait(_x_clock_behind) == pytest.approx(45.0 - X_UP_S, abs=1.0)
 
 
 # -- what the takeover wait's own help tells an operator -------------------------------------
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "settler/config.py:238 still documents 'auto: 15 for Cassandra'; auto is 25 "
-    "(batchlog replay 15 + request timeout 10); 15 applies events twice with 5 s of "
-    "transit (test_redteam_takeover_rule.py)"))
 def test_the_takeover_wait_option_help_states_the_auto_values() -> None:
+    """Failed on 9927fea: the help still said 'auto: 15 for Cassandra'."""
     shipped = int(OPTIONS["cql_request_timeout_s"].default)
     help_text = OPTIONS["takeover_wait_s"].help
     for server, name in (("cassandra", "Cassandra"), ("scylla", "ScyllaDB")):

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import pytest
 
 from settler.config import DEFAULT_REGISTRY, load_settings
 from settler.core.registry import load_registry
 from settler.worker import Worker
+from settler.worker import main as worker_main
 from settler.worker.main import DEFAULT_BATCH_MAX_BYTES
 from settler.worker.takeover import NODE_UPTIME_S, restarted_node_wait, takeover_wait_s
 
@@ -88,3 +90,26 @@ def test_unknown_node_start_times_wait_as_if_one_just_started() -> None:
     now = 1_800_000_000.0
     assert restart_wait("cassandra", LookupError("no gossip"), now) == NODE_UPTIME_S["cassandra"]
     assert restart_wait("cassandra", [], now) == NODE_UPTIME_S["cassandra"]
+
+
+class _Recorded:
+    """Stands in for a module's logger: what it was asked to log, by level."""
+
+    def __init__(self) -> None:
+        self.lines: list[tuple[str, str, dict[str, object]]] = []
+
+    def __getattr__(self, level: str) -> Callable[..., None]:
+        return lambda event, **fields: self.lines.append((level, event, fields))
+
+
+def test_a_takeover_wait_set_below_what_the_database_needs_is_warned_about(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    recorded = _Recorded()
+    monkeypatch.setattr(worker_main, "log", recorded)
+    assert derived("cassandra", None, SETTLER_TAKEOVER_WAIT_S="15")[0] == 15
+    warned = [fields for level, event, fields in recorded.lines
+              if level == "warning" and "SETTLER_TAKEOVER_WAIT_S is below" in event]
+    assert warned and warned[0]["needed"] == 25, recorded.lines
+    recorded.lines.clear()
+    derived("cassandra", None, SETTLER_TAKEOVER_WAIT_S="30")
+    assert not [line for line in recorded.lines if line[0] == "warning"], recorded.lines
