@@ -1,9 +1,9 @@
 """Red team, round 4 of the takeover rule (ac2d5e3): a takeover that comes late skips the
 restarted-node wait.
 
-`WriterRole._hold` (settler/worker/role.py:67-73) runs `_wait_out`, and so the
+`WriterRole._hold` (settler/worker/role.py:69) runs `_wait_out`, and so the
 restarted-node wait, only `if wait`: `wait` is `WriterLease.takeover_wait_s`
-(settler/store/lease.py:237-250), `max(0, TTL + takeover_wait - quiet_for)`, which is 0
+(settler/store/lease.py:226-237), `max(0, TTL + takeover_wait - quiet_for)`, which is 0
 as soon as the taker first saw the former holder's last renewal TTL + 25 s ago or more.
 Then no node is asked for its uptime at all: the new writer reads at once.
 
@@ -118,7 +118,7 @@ def _run_seeds(*, fixed: bool) -> None:
 
 
 @pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "role.py:67 runs _wait_out (and so the restarted-node wait) only if the takeover wait "
+    "role.py:69 runs _wait_out (and so the restarted-node wait) only if the takeover wait "
     "is positive: a takeover delayed past TTL + 25 s by a node's 40 s restart reads at "
     "once, before the node's batchlog replays (40 s after its start): rows differ"))
 def test_a_late_takeover_after_a_long_node_restart_still_waits_for_its_batchlog() -> None:
