@@ -56,17 +56,21 @@ class WriterRole:
             tenure = Tenure(lease, self.stopping, self._cql_down)
             if not await tenure.acquire():
                 break
-            end = await self._hold(tenure, lease.takeover_wait_s(self.takeover_wait))
+            # After an expired lease a wait is owed even if its time already passed (a take
+            # delayed by a database that was down): the restarted-node check still runs.
+            owed = lease.takeover_wait_s(self.takeover_wait) if lease.took_over_expired else None
+            end = await self._hold(tenure, owed)
             if end is SessionEnd.FATAL:
                 return 1
             if end is SessionEnd.STOPPED:
                 break
         return 0
 
-    async def _hold(self, tenure: Tenure, wait: float) -> SessionEnd:
-        """Writer sessions under one hold of the lease, until it ends."""
+    async def _hold(self, tenure: Tenure, wait: float | None) -> SessionEnd:
+        """Writer sessions under one hold of the lease, until it ends. `wait`: the takeover
+        wait owed before the first session reads (None: none owed)."""
         while True:
-            if wait and not await self._wait_out(tenure, wait):
+            if wait is not None and not await self._wait_out(tenure, wait):
                 # Stopped or lapsed during the wait: keep the lease unreleased, so the
                 # next writer waits too.
                 await tenure.end(release=False, timeout_s=CLOSE_TIMEOUT_S)
@@ -98,7 +102,7 @@ class WriterRole:
                                  timeout_s=CLOSE_TIMEOUT_S)
                 return end
             # Abandoned work may still land (the batchlog): the next session waits it out.
-            wait = 0 if session.clean else self.takeover_wait
+            wait = None if session.clean else float(self.takeover_wait)
             try:
                 await tenure.rotate()
             except Lapsed:
