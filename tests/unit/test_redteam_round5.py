@@ -8,12 +8,17 @@ Where money goes wrong on the current code (strict xfails, most likely first):
    from the first one: `Ledger.plan` turns a validation failure at re-plan time into a
    `Reject` (dead letter) although rows already hold part of the event.
    a. The registry changed between the crash and the restart (a two-replica rolling
-      deploy: the replica that takes over already runs the new registry, with a symbol
-      removed or re-scaled): `plan` returns `Reject(effect.reason)` before it even looks
-      at the claim (settler/core/ledger.py, `if isinstance(effect, Rejected)`).
+      deploy: the standby is upgraded first with a symbol removed; the writer's SIGTERM
+      drains for only 3 s, so with the database slow it abandons in-flight groups just as
+      a crash does, and the upgraded replica takes over): `plan` returns
+      `Reject(effect.reason)` before it looks at the claim (settler/core/ledger.py:158,
+      `if isinstance(effect, Rejected)`; the pipeline dead-letters it and commits past
+      it, settler/worker/pipeline.py `_plan`). A re-scaled asset or symbol (decimals,
+      price_decimals) instead applies different amounts to the rows that lack it.
    b. A row the first plan could move is now too close to 2^63-1, because the new
       session planned another partition's event on it first (partitions interleave
-      differently after a crash): `_apply` raises AmountError (overflow) and the event is
+      differently after a crash): `_apply` raises AmountError (overflow, caught at
+      settler/core/ledger.py:173) and the event is
       rejected, while a row that a later group carried already includes it.
    Either way the event is dead-lettered, its offset committed, and the rows that
    included it keep their part: an asset's total changes by the event's amount (SPEC §3
@@ -35,13 +40,17 @@ Histories that held (passing tests, with why):
 - A partition re-assigned to the same session after a revoke that drained completely
   re-reads events whose ids this session has evicted: the claim re-read from the
   database names this epoch and a group the in-memory rows' lineage reaches, so nothing
-  is applied twice (settler/core/lineage.py `includes`; rows keep this epoch's entry:
-  settler/core/ledger.py `seal` drops only epochs below `resolved.epoch`, never its own).
-- The same, with the rows evicted too and re-read from the database.
-- A cross-partition copy skipped while the original's group is still in flight, then a
-  crash before the original's claims land: the next session applies the original once
-  (the copy is committed as a duplicate; the original's position is below the frontier,
-  so `Resolved` cannot cover it before it is committed again).
+  is applied twice (settler/core/lineage.py:113 `includes`; rows keep this epoch's entry:
+  settler/core/ledger.py:235 drops only epochs below `resolved.epoch`, and a session only
+  resolves its own epoch while it runs, settler/worker/progress.py:61; ids and users are
+  evicted only unpinned, i.e. landed, settler/core/memory.py:77,86 and ledger.py:245).
+- The same, with the rows evicted too and re-read from the database (which holds what
+  the landed groups wrote, lineage included).
+- A cross-partition copy skipped while the original's group is still in flight
+  (settler/worker/pipeline.py:96 settles the copy at once), then a crash before the
+  original's claims land: no claim exists, so the next session plans the original as new
+  at its own position and applies it once; its partition was never committed past it
+  (settler/core/offsets.py `commit_ready`: contiguous settled offsets only).
 """
 
 from __future__ import annotations
