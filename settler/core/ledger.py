@@ -41,13 +41,20 @@ from settler.core.registry import Registry
 from settler.core.settlement import Effect, RowKey, effect_of, moved
 
 __all__ = [  # the Ledger's vocabulary, defined in settler.core.lineage
-    "Claim", "Group", "Ledger", "Outcome", "Plan", "Position", "Reject", "ReplanInFlight",
+    "Claim", "Group", "Ledger", "Outcome", "PartlyApplied", "Plan", "Position", "Reject",
+    "ReplanInFlight",
     "Resolved", "Row", "RowImage", "Skip", "Write", "parse_source", "row_keys",
 ]
 
 
 class ReplanInFlight(AssertionError):
     """An event re-read in the session that planned it, before that plan was durable."""
+
+
+class PartlyApplied(Exception):
+    """An event an earlier writer planned, which may be in some of its rows already, is
+    refused on its re-plan (the registry changed since, or an amount now overflows).
+    Dead-lettering it would keep its part in those rows: the worker stops instead."""
 
 
 class Outcome(StrEnum):
@@ -156,6 +163,10 @@ class Ledger(Memory):
                 f"id {event_id} was settled from {prior.source} with different content",
             )
         if isinstance(effect, Rejected):
+            if prior is not None and prior.claim is not None and not prior.recorded and not (
+                    self.resolved.covers(prior.claim, position)):
+                # Its rows cannot even be named now: any of them may hold it.
+                raise PartlyApplied(self._refused(event_id, prior.claim, effect.reason))
             return Reject(effect.reason, effect.detail)
         if prior is not None:
             if prior.recorded:
@@ -171,6 +182,10 @@ class Ledger(Memory):
         try:
             changed, mask, negative = self._apply(effect, keys, prior)
         except AmountError as exc:
+            if prior is not None and any(
+                    includes(prior.claim, self.users[user].rows.get(asset), index)
+                    for index, (user, asset) in enumerate(keys)):
+                raise PartlyApplied(self._refused(event_id, prior.claim, exc.reason)) from exc
             return Reject(exc.reason, exc.detail)
         group = self.group
         if prior is None:
@@ -183,6 +198,15 @@ class Ledger(Memory):
                       tuple(negative))
         group.writes.append(write)
         return write
+
+    @staticmethod
+    def _refused(event_id: int, claim: Claim | None, reason: str) -> str:
+        epoch = claim.epoch if claim is not None else "?"
+        source = claim.source if claim is not None else "?"
+        return (f"event {event_id} at {source}, planned by writer epoch {epoch} and possibly "
+                f"in some of its rows already, is refused on its re-plan ({reason}): "
+                "dead-lettering it would keep its part in those rows. Restore the registry "
+                "it was planned with, or correct the rows, and restart (docs/OPERATIONS.md)")
 
     def _apply(self, effect: Effect, keys: list[RowKey], prior: Seen | None
                ) -> tuple[list[RowKey], int, list[RowKey]]:

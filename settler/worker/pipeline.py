@@ -16,7 +16,7 @@ from aiokafka import TopicPartition
 
 from settler import logs, metrics
 from settler.core.events import Rejected, Trade, kind
-from settler.core.ledger import Group, Ledger, Reject, ReplanInFlight, Skip
+from settler.core.ledger import Group, Ledger, PartlyApplied, Reject, ReplanInFlight, Skip
 from settler.core.offsets import Offsets
 from settler.core.registry import Registry
 from settler.store import batches
@@ -89,7 +89,7 @@ class Pipeline:
             return
         try:
             plan = self.ledger.plan(item.event, item.effect, item.position)
-        except ReplanInFlight as exc:
+        except (ReplanInFlight, PartlyApplied) as exc:
             raise Fatal(str(exc)) from exc
         if isinstance(plan, Skip):
             metrics.event(kind(item.event), plan.outcome)

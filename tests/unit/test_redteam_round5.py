@@ -1,6 +1,8 @@
 """Red team, round 5: the exactly-once argument away from the takeover rule.
 
-Where money goes wrong on the current code (strict xfails, most likely first):
+FIXED since (the tests below pass): `Ledger.plan` raises PartlyApplied, and the worker
+stops (exit 1, naming the event), when a re-plan of an event an earlier writer planned and
+that may be in some of its rows is refused. Where money went wrong (most likely first):
 
 1. An event a crash left in SOME of its rows (ARCHITECTURE "Crash anywhere": a later group
    of the same epoch carried it on a shared row, its own batch was lost) is re-planned by
@@ -62,7 +64,17 @@ import pytest
 from settler.config import DEFAULT_REGISTRY
 from settler.core.amounts import INT64_MAX
 from settler.core.events import Event, Rejected, decode
-from settler.core.ledger import Claim, Ledger, Outcome, Position, Reject, Row, Skip, Write
+from settler.core.ledger import (
+    Claim,
+    Ledger,
+    Outcome,
+    PartlyApplied,
+    Position,
+    Reject,
+    Row,
+    Skip,
+    Write,
+)
 from settler.core.registry import Registry, load_registry
 from tests.unit.test_ledger import REGISTRY, at, deposit, trade
 
@@ -138,35 +150,32 @@ def _registry_without_btc_usdt(tmp_path: Path) -> Registry:
     return registry
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "round 5, 1a: Ledger.plan rejects an event on its effect's validation before it looks "
-    "at its claim: after a registry change, an event a crash left in some of its rows is "
-    "dead-lettered while those rows keep its effect (USDT destroyed)"))
 def test_a_partly_applied_trade_is_not_dead_lettered_after_a_registry_change(
         tmp_path: Path) -> None:
+    """Failed before PartlyApplied: 'T1 dead-lettered (unknown_symbol) though the buyer's
+    USDT row holds it'. Now planning stops (the worker exits 1 naming T1)."""
     initial = {(BUYER, USDT): Row(0, COST, 1, 1, {}), (SELLER, BTC): Row(0, 50_000_000, 1, 1, {})}
     rows, claims = _crash_leaves_t1_in_the_buyers_quote_row_only(initial)
     before = sum(r.available + r.frozen for (_, asset), r in initial.items() if asset == USDT)
     # The replica that takes over runs the new registry (BTC_USDT delisted).
     second = _fresh(_registry_without_btc_usdt(tmp_path), 2, rows, claims)
 
-    t1 = _plan(second, T1, at(0, 0))
-    d7 = _plan(second, deposit(7, 1, BUYER, USDT), at(0, 1))
+    users = (BUYER, SELLER, REGISTRY.fee_account)
+    # The buyer's USDT row holds T1's debit (and D7), the seller's does not yet.
+    assert _usdt_total(second, users) == before - COST + 1
+    with pytest.raises(PartlyApplied, match=r"event 1000001 .*\(unknown_symbol\)"):
+        _plan(second, T1, at(0, 0))
+    # Nothing was decided about T1 (no dead letter, no commit past it): the restored
+    # registry completes it on the seller's row.
+    assert _usdt_total(second, users) == before - COST + 1
+    restored = _fresh(REGISTRY, 3, rows, claims)
+    assert isinstance(_plan(restored, T1, at(0, 0)), Write)
+    assert _usdt_total(restored, users) == before + 1
 
-    assert isinstance(d7, Write) and d7.rows == ()  # carried by group 2: included
-    # Money: USDT changes only by deposits (D7 = 1); T1 moves it between rows.
-    after = _usdt_total(second, (BUYER, SELLER, REGISTRY.fee_account))
-    assert not isinstance(t1, Reject), (
-        f"T1 dead-lettered ({t1.reason}) though the buyer's USDT row holds it: USDT total "
-        f"{before} + 1 deposited -> {after} (the seller was never paid)")
-    assert after == before + 1
 
-
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "round 5, 1b: a re-plan on the rows that lack an event overflows where the first plan "
-    "did not (another partition's event planned first on the same row): the event is "
-    "dead-lettered as overflow while a row a later group wrote includes it"))
 def test_a_partly_applied_trade_is_not_dead_lettered_when_its_re_plan_overflows() -> None:
+    """Failed before PartlyApplied: 'T1 dead-lettered as overflow: the buyer paid ... and
+    the seller got nothing'. Now planning stops."""
     big = 1_000_000
     # The seller's USDT row: T1 fits (INT64_MAX - big + 1), T1 + D9 does not.
     start = INT64_MAX - COST - big + 1
@@ -179,15 +188,27 @@ def test_a_partly_applied_trade_is_not_dead_lettered_when_its_re_plan_overflows(
     d9 = _plan(second, deposit(9, big, SELLER, USDT), at(1, 0))
     assert isinstance(d9, Write)
 
-    t1 = _plan(second, T1, at(0, 0))
-
-    # Exactly once: either T1 completes (and D9, the later one, would have been the one to
-    # overflow) or T1 is in no row; here T1 is in the buyer's USDT row already.
     buyer = second.row(BUYER, USDT)
     assert buyer is not None and buyer.frozen == 0  # T1's debit of the frozen cost is there
-    assert not isinstance(t1, Reject), (
-        f"T1 dead-lettered as {t1.reason}: the buyer paid {COST} USDT and the seller got "
-        "nothing")
+    with pytest.raises(PartlyApplied, match=r"event 1000001 .*\(overflow\)"):
+        _plan(second, T1, at(0, 0))
+
+
+def test_control_an_overflowing_re_plan_in_none_of_its_rows_is_still_dead_lettered() -> None:
+    """A claim whose batch was lost entirely (no row holds the event): an overflow on its
+    re-plan is an ordinary rejection, as on a first plan."""
+    big = 1_000_000
+    start = INT64_MAX - COST - big + 1
+    initial = {(BUYER, USDT): Row(0, COST, 1, 1, {}), (SELLER, BTC): Row(0, 50_000_000, 1, 1, {}),
+               (SELLER, USDT): Row(start, 0, 1, 1, {})}
+    first = _fresh(REGISTRY, 1, initial, [])
+    t1 = _plan(first, T1, at(0, 0))
+    assert isinstance(t1, Write)
+    first.seal()  # its batch is lost: no row holds T1
+    second = _fresh(REGISTRY, 2, initial, [t1.claim])
+    assert isinstance(_plan(second, deposit(9, big, SELLER, USDT), at(1, 0)), Write)
+    rejected = _plan(second, T1, at(0, 0))
+    assert isinstance(rejected, Reject) and rejected.reason == "overflow"
 
 
 # -- histories that hold ------------------------------------------------------------------
